@@ -1,0 +1,7 @@
+"""convmae-det: ConvMAE backbones for detectron2 (importing it fills detectron2's registries)."""
+from . import data, modeling  # noqa: F401  (registers backbones, heads and datasets)
+from .config import add_convmae_config
+from .modeling import ConvViT, MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
+
+__version__ = "0.1.0"
+__all__ = ["add_convmae_config", "ConvViT", "SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "__version__"]

@@ -1,0 +1,63 @@
+"""Every convmae-det default, in one place: ``add_convmae_config(cfg)``."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_convmae_config"]
+
+
+def add_convmae_config(cfg: CN) -> CN:
+    """Add convmae-det's keys to a detectron2 config (in place) and return it."""
+    _C = cfg
+    _C.MODEL.CONVMAE = CN()
+    # named size: tiny, small, base or large (convmae_det.modeling.convvit.CONVVIT_SIZES)
+    _C.MODEL.CONVMAE.SIZE = "base"
+    # per-stage overrides of the named size; empty keeps the size's value
+    _C.MODEL.CONVMAE.EMBED_DIMS = []
+    _C.MODEL.CONVMAE.DEPTHS = []
+    _C.MODEL.CONVMAE.NUM_HEADS = 0
+    _C.MODEL.CONVMAE.MLP_RATIO = 4.0
+    # image size the absolute position embedding was pretrained at (224 -> 14x14 positions)
+    _C.MODEL.CONVMAE.PRETRAIN_IMG_SIZE = 224
+    _C.MODEL.CONVMAE.DROP_PATH_RATE = 0.1
+    # eps of the conv blocks' LayerNorms: 1e-6 (official detection code), 1e-5 (pretraining)
+    _C.MODEL.CONVMAE.CONV_NORM_EPS = 1e-6
+    _C.MODEL.CONVMAE.WINDOW_SIZE = 14
+    # stage-3 blocks with global attention; all others use windows of WINDOW_SIZE
+    _C.MODEL.CONVMAE.GLOBAL_ATTN_INDEXES = [1, 4, 7, 10]
+    _C.MODEL.CONVMAE.USE_REL_POS = True
+    # training image size: global blocks' rel-pos tables are sized for a (size/16) grid
+    _C.MODEL.CONVMAE.REL_POS_IMG_SIZE = 1024
+    _C.MODEL.CONVMAE.USE_ACT_CHECKPOINT = False
+    # "sdpa" (F.scaled_dot_product_attention) or "eager" (explicit attention matrix)
+    _C.MODEL.CONVMAE.ATTN_IMPL = "sdpa"
+    # zero-pad every input to a SQUARE_PAD x SQUARE_PAD square (ViTDet pads to 1024); 0 = off
+    _C.MODEL.CONVMAE.SQUARE_PAD = 1024
+    _C.MODEL.CONVMAE.PYRAMID = CN()
+    _C.MODEL.CONVMAE.PYRAMID.OUT_CHANNELS = 256
+    # simple feature pyramid only: scales applied to the stride-16 output
+    _C.MODEL.CONVMAE.PYRAMID.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
+
+    # Heads: "LN" (channel LayerNorm, as in ViTDet) is accepted by the ConvMAE* heads' NORM keys
+    # on every detectron2 release, including 0.6, which has no get_norm("LN").
+
+    _C.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    _C.SOLVER.BETAS = (0.9, 0.999)
+    # layer-wise lr decay: stage-3 block i gets LR * DECAY ** (depth - i), stages 1-2 and the
+    # patch/position embeddings DECAY ** (depth + 1); 1.0 disables it
+    _C.SOLVER.LAYER_DECAY = 1.0
+    # weight decay of position embeddings (ViTDet and ConvMAE-Det: 0)
+    _C.SOLVER.WEIGHT_DECAY_POS_EMBED = 0.0
+
+    # Large-scale jitter (ViTDet's COCO recipe): flip, ResizeScale, FixedSizeCrop
+    _C.INPUT.LSJ = CN()
+    _C.INPUT.LSJ.ENABLED = False
+    _C.INPUT.LSJ.IMAGE_SIZE = 1024
+    _C.INPUT.LSJ.MIN_SCALE = 0.1
+    _C.INPUT.LSJ.MAX_SCALE = 2.0
+    _C.INPUT.LSJ.PAD_VALUE = 128.0
+
+    # COCOEvaluator: "auto" uses the compiled fast evaluator when detectron2 has it
+    _C.TEST.FAST_COCO_EVAL = "auto"
+    # number of val images drawn with predictions after evaluation (0 = none)
+    _C.TEST.VIS_NUM_IMAGES = 0
+    _C.TEST.VIS_SCORE_THRESH = 0.5
+    return cfg

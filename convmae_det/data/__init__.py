@@ -1,0 +1,16 @@
+from .builtin import BUILTIN_SHAPES, prepare_builtin_datasets, register_builtin_shapes, shapes_root
+from .mapper import build_lsj_augmentations, build_train_mapper
+from .shapes import SHAPE_CLASSES, ShapesSpec, generate_shapes_dataset, shapes_dataset_ready
+
+__all__ = [
+    "BUILTIN_SHAPES",
+    "SHAPE_CLASSES",
+    "ShapesSpec",
+    "build_lsj_augmentations",
+    "build_train_mapper",
+    "generate_shapes_dataset",
+    "prepare_builtin_datasets",
+    "register_builtin_shapes",
+    "shapes_dataset_ready",
+    "shapes_root",
+]

@@ -1,0 +1,261 @@
+"""A generated COCO-format instance segmentation dataset: shapes on textured backgrounds.
+
+Five classes (circle, triangle, square, star, cross) at random scale, rotation, colour and
+texture, several per image, overlapping and occluding one another. Every instance is
+annotated with polygons of its *visible* part (occluders subtracted with shapely), so the
+dataset exercises detection and segmentation under occlusion. Everything derives from one
+seed: the same arguments write the same files.
+
+Layout under ``root``::
+
+    train/000000.png ...   val/000000.png ...
+    annotations/instances_train.json   annotations/instances_val.json
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.ops import unary_union
+
+__all__ = ["SHAPE_CLASSES", "ShapesSpec", "generate_shapes_dataset", "shapes_dataset_ready", "make_shape_polygon"]
+
+SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
+FORMAT_VERSION = 1
+
+
+class ShapesSpec(dict):
+    """Arguments that define the dataset (stored in the json so that a mismatch regenerates)."""
+
+    def __init__(
+        self,
+        num_train: int = 1200,
+        num_val: int = 300,
+        image_size: int = 128,
+        min_objects: int = 2,
+        max_objects: int = 6,
+        min_size: int = 16,
+        max_size: int = 60,
+        seed: int = 0,
+    ):
+        if image_size < 32 or min_size < 4 or not min_size <= max_size < image_size:
+            raise ValueError(f"bad shapes spec: image_size={image_size}, object sizes {min_size}-{max_size}")
+        super().__init__(
+            num_train=num_train, num_val=num_val, image_size=image_size, min_objects=min_objects,
+            max_objects=max_objects, min_size=min_size, max_size=max_size, seed=seed, version=FORMAT_VERSION,
+        )
+
+
+def make_shape_polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> np.ndarray:
+    """Vertices (K, 2) of a shape of the given kind, centred at (cx, cy), ``size`` wide."""
+    r = size / 2.0
+    if kind == "circle":
+        t = np.linspace(0, 2 * math.pi, 32, endpoint=False)
+        pts = np.stack([np.cos(t), np.sin(t)], 1) * r
+    elif kind == "triangle":
+        t = np.array([0, 2, 4]) * math.pi / 3 - math.pi / 2
+        pts = np.stack([np.cos(t), np.sin(t)], 1) * r
+    elif kind == "square":
+        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * r * 0.75
+    elif kind == "star":
+        t = np.arange(10) * math.pi / 5 - math.pi / 2
+        rad = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        pts = np.stack([np.cos(t) * rad, np.sin(t) * rad], 1)
+    elif kind == "cross":
+        a, b = r, r * 0.35
+        pts = np.array(
+            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]],
+            dtype=np.float64,
+        )
+    else:
+        raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPE_CLASSES}")
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s], [s, c]])
+    return pts @ rot.T + np.array([cx, cy])
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """An H W 3 uint8 texture: solid, stripes, checker or noisy, in random colours."""
+    c1 = rng.integers(0, 256, 3)
+    c2 = np.clip(c1 + rng.integers(-90, 91, 3), 0, 255)
+    kind = rng.integers(4)
+    yy, xx = np.mgrid[0:h, 0:w]
+    if kind == 0:
+        sel = np.zeros((h, w), bool)
+    elif kind == 1:
+        period = rng.integers(4, 10)
+        ang = rng.uniform(0, math.pi)
+        sel = ((xx * math.cos(ang) + yy * math.sin(ang)) // (period / 2)) % 2 == 0
+    elif kind == 2:
+        p = rng.integers(3, 8)
+        sel = ((xx // p) + (yy // p)) % 2 == 0
+    else:
+        sel = rng.random((h, w)) < 0.5
+    img = np.where(sel[..., None], c2, c1).astype(np.float64)
+    img += rng.normal(0, 8, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, size)
+    ang = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    g = (xx * math.cos(ang) + yy * math.sin(ang))
+    g = (g - g.min()) / max(g.max() - g.min(), 1e-6)
+    img = a[None, None] * (1 - g[..., None]) + b[None, None] * g[..., None]
+    img += rng.normal(0, 12, img.shape)
+    # clutter: a few thin random lines that are not objects
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(rng.integers(0, 4)):
+        p = rng.uniform(0, size, 4)
+        draw.line(list(map(float, p)), fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 3)))
+    return np.asarray(pil).copy()
+
+
+def _polygons_of(geom) -> List[List[float]]:
+    """COCO polygon lists of a shapely (Multi)Polygon without holes."""
+    parts = geom.geoms if isinstance(geom, MultiPolygon) else [geom]
+    out = []
+    for p in parts:
+        if p.area < 4:
+            continue
+        coords = np.asarray(p.exterior.coords)[:-1]
+        if len(coords) >= 3:
+            out.append([round(float(v), 2) for v in coords.reshape(-1)])
+    return out
+
+
+def _make_image(rng: np.random.Generator, spec: ShapesSpec):
+    size = spec["image_size"]
+    canvas = _background(rng, size)
+    frame = Polygon([(0, 0), (size, 0), (size, size), (0, size)])
+    placed = []  # dicts with full polygon, visible geometry and class
+    target = int(rng.integers(spec["min_objects"], spec["max_objects"] + 1))
+    for _ in range(target * 10):
+        if len(placed) == target:
+            break
+        kind = int(rng.integers(len(SHAPE_CLASSES)))
+        s = float(math.exp(rng.uniform(math.log(spec["min_size"]), math.log(spec["max_size"]))))
+        cx, cy = rng.uniform(s * 0.3, size - s * 0.3, 2)
+        pts = make_shape_polygon(SHAPE_CLASSES[kind], cx, cy, s, rng.uniform(0, 2 * math.pi))
+        poly = Polygon(pts).buffer(0).intersection(frame)
+        if poly.is_empty or poly.area < 0.6 * Polygon(pts).area:
+            continue  # mostly outside the image
+        ok = True
+        new_visible = []
+        for obj in placed:
+            vis = obj["visible"].difference(poly)
+            parts = vis.geoms if isinstance(vis, MultiPolygon) else [vis]
+            # keep occluded instances recognisable and representable by COCO polygons
+            if vis.is_empty or vis.area < 0.45 * obj["area"] or any(len(p.interiors) for p in parts if not p.is_empty):
+                ok = False
+                break
+            new_visible.append(vis)
+        if not ok:
+            continue
+        for obj, vis in zip(placed, new_visible):
+            obj["visible"] = vis
+        placed.append(dict(kind=kind, pts=pts, visible=poly, area=poly.area))
+    for obj in placed:
+        tex = _texture(rng, size, size)
+        m = Image.new("L", (size, size), 0)
+        ImageDraw.Draw(m).polygon([tuple(p) for p in obj["pts"]], fill=255)
+        sel = np.asarray(m) > 0
+        canvas[sel] = tex[sel]
+    anns = []
+    for obj in placed:
+        polys = _polygons_of(obj["visible"])
+        if not polys:
+            continue
+        x0, y0, x1, y1 = obj["visible"].bounds
+        anns.append(
+            dict(
+                category_id=obj["kind"] + 1,
+                segmentation=polys,
+                area=float(obj["visible"].area),
+                bbox=[round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                iscrowd=0,
+            )
+        )
+    return canvas, anns
+
+
+def _json_path(root: str, split: str) -> str:
+    return os.path.join(root, "annotations", f"instances_{split}.json")
+
+
+def shapes_dataset_ready(root: str, spec: Optional[ShapesSpec] = None) -> bool:
+    """True if ``root`` holds a complete dataset written with ``spec``."""
+    spec = spec or ShapesSpec()
+    for split in ("train", "val"):
+        path = _json_path(root, split)
+        if not os.path.isfile(path):
+            return False
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return False
+        if data.get("info", {}).get("spec") != dict(spec):
+            return False
+        if any(not os.path.isfile(os.path.join(root, split, im["file_name"])) for im in data["images"]):
+            return False
+    return True
+
+
+def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force: bool = False) -> Dict[str, str]:
+    """Write the dataset under ``root`` unless an identical one is there already.
+
+    The dataset is written into a temporary folder beside ``root`` and moved into place only
+    when complete, so an interrupted run never leaves a half-written dataset behind.
+    Returns ``{"train": json, "val": json, "root": root}``.
+    """
+    spec = spec or ShapesSpec()
+    root = os.path.abspath(root)
+    if force or not shapes_dataset_ready(root, spec):
+        parent = os.path.dirname(root)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".shapes-", dir=parent)
+        try:
+            rng_root = np.random.default_rng(spec["seed"])
+            seeds = rng_root.integers(0, 2**31, 2)
+            for split, n, seed in (("train", spec["num_train"], seeds[0]), ("val", spec["num_val"], seeds[1])):
+                rng = np.random.default_rng(int(seed))
+                os.makedirs(os.path.join(tmp, split))
+                images, annotations = [], []
+                for i in range(n):
+                    img, anns = _make_image(rng, spec)
+                    name = f"{i:06d}.png"
+                    Image.fromarray(img).save(os.path.join(tmp, split, name))
+                    images.append(dict(id=i + 1, file_name=name, height=img.shape[0], width=img.shape[1]))
+                    for a in anns:
+                        a.update(id=len(annotations) + 1, image_id=i + 1)
+                        annotations.append(a)
+                data = dict(
+                    info=dict(description="convmae-det generated shapes", spec=dict(spec)),
+                    images=images,
+                    annotations=annotations,
+                    categories=[dict(id=i + 1, name=n, supercategory="shape") for i, n in enumerate(SHAPE_CLASSES)],
+                )
+                os.makedirs(os.path.join(tmp, "annotations"), exist_ok=True)
+                with open(_json_path(tmp, split), "w") as f:
+                    json.dump(data, f)
+            if os.path.exists(root):
+                old = root + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(root, old)
+                os.rename(tmp, root)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, root)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    return {"train": _json_path(root, "train"), "val": _json_path(root, "val"), "root": root}

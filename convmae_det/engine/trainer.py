@@ -1,0 +1,131 @@
+"""The detectron2 trainer of convmae-det and the config set-up shared by the tools."""
+import logging
+import os
+from typing import List
+
+import numpy as np
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import detection_utils as utils
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from ..config import add_convmae_config
+from ..data import build_train_mapper, prepare_builtin_datasets
+from ..solver import build_optimizer
+from ..utils.compat import check_compiled_ops, has_compiled_ops
+
+__all__ = ["setup_cfg", "Trainer", "check_image_files", "visualize_predictions"]
+
+logger = logging.getLogger("convmae_det")
+
+
+def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
+    """get_cfg + add_convmae_config + file + overrides, then checks that fail early and clearly.
+
+    Unknown keys in the file or the overrides raise detectron2's KeyError naming the key.
+    Without a GPU the model runs on the CPU and AMP is turned off.
+    """
+    cfg = get_cfg()
+    add_convmae_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.MODEL.DEVICE == "cpu":
+        cfg.SOLVER.AMP.ENABLED = False
+    check_compiled_ops(cfg)
+    sq = cfg.MODEL.CONVMAE.SQUARE_PAD
+    if cfg.INPUT.LSJ.ENABLED and sq and cfg.INPUT.LSJ.IMAGE_SIZE > sq:
+        raise ValueError(f"INPUT.LSJ.IMAGE_SIZE {cfg.INPUT.LSJ.IMAGE_SIZE} exceeds MODEL.CONVMAE.SQUARE_PAD {sq}")
+    if sq and max(cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST) > sq:
+        raise ValueError(
+            f"test images may reach {max(cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)} px but "
+            f"MODEL.CONVMAE.SQUARE_PAD is {sq}: set INPUT.MAX_SIZE_TEST/MIN_SIZE_TEST <= SQUARE_PAD"
+        )
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with AdamW + layer decay, LSJ and the COCO evaluator that fits detectron2."""
+
+    def __init__(self, cfg):
+        prepare_builtin_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=0,
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        check_image_files(dicts, cfg.DATASETS.TRAIN)
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg), dataset=dicts)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_image_files(DatasetCatalog.get(dataset_name), [dataset_name])
+        return super().build_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        mode = str(cfg.TEST.FAST_COCO_EVAL).lower()
+        fast = has_compiled_ops() if mode == "auto" else mode in ("true", "1", "yes")
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        prepare_builtin_datasets(cfg.DATASETS.TEST)
+        return super().test(cfg, model, evaluators)
+
+
+def check_image_files(dataset_dicts, names) -> None:
+    """Fail before training or evaluation starts if images of a dataset are missing on disk."""
+    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(dataset_dicts)} images of dataset(s) {list(names)} are missing, e.g.\n  {shown}"
+        )
+
+
+@torch.no_grad()
+def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output_dir: str, score_thresh: float = 0.5):
+    """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
+    of a registered dataset with detectron2's Visualizer; returns the PNG paths."""
+    from detectron2.data import build_detection_test_loader
+
+    os.makedirs(output_dir, exist_ok=True)
+    metadata = MetadataCatalog.get(dataset_name)
+    dicts = DatasetCatalog.get(dataset_name)[:num_images]
+    loader = build_detection_test_loader(cfg, dataset_name)
+    was_training = model.training
+    model.eval()
+    paths = []
+    for d, inputs in zip(dicts, loader):
+        out = model(inputs)[0]["instances"].to("cpu")
+        out = out[out.scores >= score_thresh]
+        img = utils.read_image(d["file_name"], format="RGB")
+        pred = Visualizer(img, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(out).get_image()
+        gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
+        path = os.path.join(output_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
+        from PIL import Image
+
+        Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)
+        paths.append(path)
+    model.train(was_training)
+    return paths

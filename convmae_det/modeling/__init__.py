@@ -1,0 +1,25 @@
+"""ConvMAE modules and their detectron2 registrations (importing this fills the registries)."""
+from .backbone import build_convmae_msfp_backbone, build_convmae_sfp_backbone, build_convvit_from_cfg
+from .convvit import CONVVIT_SIZES, Attention, ConvBlock, ConvViT, PatchEmbed, TransformerBlock, convvit_kwargs
+from .heads import ConvMAEConvFCHead, ConvMAEMaskHead, resolve_norm
+from .layers import LayerNorm2d
+from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
+
+__all__ = [
+    "CONVVIT_SIZES",
+    "Attention",
+    "ConvBlock",
+    "ConvViT",
+    "PatchEmbed",
+    "TransformerBlock",
+    "convvit_kwargs",
+    "LayerNorm2d",
+    "SimpleFeaturePyramid",
+    "MultiScaleSimpleFeaturePyramid",
+    "ConvMAEConvFCHead",
+    "ConvMAEMaskHead",
+    "resolve_norm",
+    "build_convmae_sfp_backbone",
+    "build_convmae_msfp_backbone",
+    "build_convvit_from_cfg",
+]

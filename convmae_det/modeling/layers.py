@@ -1,0 +1,139 @@
+"""Stateless helpers and small layers shared by the encoder, the pyramid and the heads.
+
+Everything here is a pure function or a parameter-light ``nn.Module`` with no config inside.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "LayerNorm2d",
+    "window_partition",
+    "window_unpartition",
+    "get_rel_pos",
+    "decomposed_rel_pos",
+    "resample_abs_pos",
+    "get_2d_sincos_pos_embed",
+]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of an NCHW tensor.
+
+    Subclasses ``nn.LayerNorm`` so that its parameters are named ``weight``/``bias`` like the
+    official checkpoints and so that optimizers that exempt norms from weight decay see it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # B C H W -> B H W C -> normalise over C -> B C H W
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Split a B H W C grid into non-overlapping windows, zero-padding bottom and right.
+
+    Returns windows of shape (B * num_windows, window_size, window_size, C) and the padded
+    grid size (Hp, Wp).
+    """
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    # B Hp Wp C -> B nH ws nW ws C -> B nH nW ws ws C -> (B nH nW) ws ws C
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: windows -> B H W C, dropping the padding."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
+    # (B nH nW) ws ws C -> B nH nW ws ws C -> B nH ws nW ws C -> B Hp Wp C
+    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x
+
+
+def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Gather a relative-position table for a query/key axis of length ``size``.
+
+    ``rel_pos`` is (L, C). A table whose length differs from 2 * size - 1 is first resized by
+    1-D linear interpolation (ViTDet). Returns (size, size, C) indexed by (query, key) with
+    entry ``rel_pos[q - k + size - 1]``.
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        # (L, C) -> (1, C, L) -> interpolate -> (length, C)
+        rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    coords = torch.arange(size, device=rel_pos.device)
+    index = coords[:, None] - coords[None, :] + (size - 1)
+    return rel_pos[index]
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Tuple[int, int]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ViTDet's decomposed relative-position terms, computed with the *unscaled* query.
+
+    q: (B, H*W, C). Returns rel_h (B, H, W, H) and rel_w (B, H, W, W); the logit of query
+    (i, j) and key (k, l) receives ``rel_h[:, i, j, k] + rel_w[:, i, j, l]``.
+    """
+    H, W = hw
+    Rh = get_rel_pos(H, rel_pos_h)  # H H C
+    Rw = get_rel_pos(W, rel_pos_w)  # W W C
+    B, _, C = q.shape
+    r_q = q.reshape(B, H, W, C)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)
+    return rel_h, rel_w
+
+
+def resample_abs_pos(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    """Resample a square absolute position embedding (1, N, C) to a (1, H, W, C) grid.
+
+    Bicubic, align_corners=False, as in ViTDet and the official ConvMAE detection code. The
+    embedding is returned unchanged (reshaped) when the grid already matches.
+    """
+    n = pos_embed.shape[1]
+    size = int(round(math.sqrt(n)))
+    if size * size != n:
+        raise ValueError(f"position embedding has {n} positions, expected a square number")
+    H, W = hw
+    grid = pos_embed.reshape(1, size, size, -1)
+    if (size, size) == (H, W):
+        return grid
+    # 1 S S C -> 1 C S S -> 1 C H W -> 1 H W C
+    grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding of shape (grid_size**2, embed_dim), as in MAE.
+
+    The first half of the channels encodes the column (w), the second half the row (h).
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {embed_dim}")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    grid_h, grid_w = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(pos: torch.Tensor, dim: int) -> torch.Tensor:
+        omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+        omega = 1.0 / 10000**omega
+        out = pos.reshape(-1)[:, None] * omega[None, :]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    emb = torch.cat([encode(grid_w, embed_dim // 2), encode(grid_h, embed_dim // 2)], dim=1)
+    return emb.to(dtype or torch.get_default_dtype())

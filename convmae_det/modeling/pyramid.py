@@ -1,0 +1,146 @@
+"""Detectron2 backbones: a ConvViT encoder under a simple feature pyramid.
+
+* :class:`SimpleFeaturePyramid` is ViTDet's pyramid built from the stride-16 output alone
+  (deconvolutions up, max pool down). Its parameters are named ``simfp_{2,3,4,5}`` like the
+  official ConvMAE detection checkpoints, and the encoder sits under ``net``.
+* :class:`MultiScaleSimpleFeaturePyramid` takes p2 and p3 from the conv stages' own stride-4
+  and stride-8 features instead of deconvolving the stride-16 output, and p5 from a max pool.
+
+Both emit p2-p6 (p6 = LastLevelMaxPool of p5) with ``out_channels`` channels and channel
+LayerNorm. With ``square_pad`` > 0 the input is zero-padded at the bottom and right to a square
+of that size, as ViTDet pads every image to 1024x1024 for the COCO recipe.
+"""
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from .convvit import ConvViT
+from .layers import LayerNorm2d
+
+__all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square"]
+
+
+def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad B C H W at the bottom and right to size x size; error if the input is larger."""
+    H, W = x.shape[-2:]
+    if H > size or W > size:
+        raise ValueError(f"input {H}x{W} is larger than the square padding size {size}")
+    if (H, W) == (size, size):
+        return x
+    return F.pad(x, (0, size - W, 0, size - H))
+
+
+def _out_convs(in_dim: int, out_channels: int, norm_eps: float = 1e-6):
+    """1x1 conv + LN, then 3x3 conv + LN, both without bias (ViTDet)."""
+    return [
+        Conv2d(in_dim, out_channels, 1, bias=False, norm=LayerNorm2d(out_channels, eps=norm_eps)),
+        Conv2d(out_channels, out_channels, 3, padding=1, bias=False, norm=LayerNorm2d(out_channels, eps=norm_eps)),
+    ]
+
+
+class _PyramidBase(Backbone):
+    """Shared parts: square padding, input checks, p6 and the output specs."""
+
+    def __init__(self, net: ConvViT, out_channels: int, square_pad: int, strides: Sequence[int]):
+        super().__init__()
+        self.net = net
+        self.top_block = LastLevelMaxPool()
+        self.square_pad = square_pad
+        strides = list(strides) + [strides[-1] * 2]
+        self._out_features = [f"p{int(math.log2(s))}" for s in strides]
+        self._out_feature_strides = {f: s for f, s in zip(self._out_features, strides)}
+        self._out_feature_channels = {f: out_channels for f in self._out_features}
+        self._size_divisibility = strides[-2]
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        # read by detectron2 releases newer than 0.6 to pad the ImageList itself
+        return {"size_divisiblity": self._size_divisibility, "square_size": self.square_pad}
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if self.square_pad > 0:
+            x = pad_to_square(x, self.square_pad)
+        H, W = x.shape[-2:]
+        d = self._size_divisibility
+        if H % d or W % d:
+            raise ValueError(f"input {H}x{W}: height and width must be multiples of {d}")
+        return x
+
+    def _finish(self, results):
+        results.extend(self.top_block(results[-1]))
+        return dict(zip(self._out_features, results))
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            for f in self._out_features
+        }
+
+
+class SimpleFeaturePyramid(_PyramidBase):
+    """ViTDet's simple feature pyramid over the encoder's stride-16 output."""
+
+    def __init__(
+        self,
+        net: ConvViT,
+        *,
+        out_channels: int = 256,
+        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        square_pad: int = 0,
+        norm_eps: float = 1e-6,
+    ):
+        strides = [int(16 / s) for s in scale_factors]
+        super().__init__(net, out_channels, square_pad, strides)
+        dim = net.embed_dims[2]
+        for scale, stride in zip(scale_factors, strides):
+            if scale == 4.0:
+                layers = [
+                    nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+                    LayerNorm2d(dim // 2, eps=norm_eps),
+                    nn.GELU(),
+                    nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+                ]
+                in_dim = dim // 4
+            elif scale == 2.0:
+                layers, in_dim = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+            elif scale == 1.0:
+                layers, in_dim = [], dim
+            elif scale == 0.5:
+                layers, in_dim = [nn.MaxPool2d(2, 2)], dim
+            else:
+                raise ValueError(f"scale factor {scale} is not supported; use 4, 2, 1 or 0.5")
+            layers += _out_convs(in_dim, out_channels, norm_eps)
+            self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*layers))
+        self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = self._prepare(x)
+        feat = self.net(x)["s16"]
+        return self._finish([stage(feat) for stage in self._stages])
+
+
+class MultiScaleSimpleFeaturePyramid(_PyramidBase):
+    """A simple pyramid that reuses the conv stages: p2 <- s4, p3 <- s8, p4 <- s16, p5 <- s32."""
+
+    def __init__(self, net: ConvViT, *, out_channels: int = 256, square_pad: int = 0, norm_eps: float = 1e-6):
+        super().__init__(net, out_channels, square_pad, [4, 8, 16, 32])
+        channels = net.out_feature_channels
+        self._in_features = ["s4", "s8", "s16", "s32"]
+        for name, stride in zip(self._in_features, [4, 8, 16, 32]):
+            self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*_out_convs(channels[name], out_channels, norm_eps)))
+        self._stages = [getattr(self, f"simfp_{i}") for i in (2, 3, 4, 5)]
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = self._prepare(x)
+        feats = self.net(x)
+        return self._finish([stage(feats[name]) for stage, name in zip(self._stages, self._in_features)])

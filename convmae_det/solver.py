@@ -1,0 +1,97 @@
+"""Optimizer with ConvMAE layer-wise lr decay and weight-decay exemptions (ViTDet recipe)."""
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+from .modeling.convvit import ConvViT
+
+__all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer"]
+
+NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm2d,
+)
+
+
+def convmae_layer_id(name: str, num_layers: int, prefix: str) -> int:
+    """Layer of a parameter for lr decay: embeddings and stages 1-2 are 0, stage-3 block i is
+    i + 1, everything outside the encoder (pyramid, heads) is num_layers + 1."""
+    if not name.startswith(prefix):
+        return num_layers + 1
+    rest = name[len(prefix):]
+    if rest.startswith("blocks3."):
+        return int(rest.split(".")[1]) + 1
+    return 0
+
+
+def _find_encoder(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, ConvViT):
+            return (name + ".") if name else "", module
+    return None, None
+
+
+def get_param_groups(
+    model: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: float = 0.0,
+    weight_decay_bias: float = None,
+    weight_decay_pos_embed: float = 0.0,
+    layer_decay: float = 1.0,
+) -> List[Dict]:
+    """Parameter groups: lr = base_lr * layer_decay ** (num_layers + 1 - layer_id); weight decay
+    ``weight_decay_norm`` for norm layers, ``weight_decay_pos_embed`` for position embeddings,
+    ``weight_decay_bias`` (default: weight_decay) for biases."""
+    prefix, encoder = _find_encoder(model)
+    num_layers = encoder.depths[2] if encoder is not None else 0
+    norm_params = set()
+    for module in model.modules():
+        if isinstance(module, NORM_TYPES):
+            norm_params.update(id(p) for p in module.parameters(recurse=False))
+    wd_bias = weight_decay if weight_decay_bias is None else weight_decay_bias
+    groups: Dict[tuple, Dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in norm_params:
+            wd = weight_decay_norm
+        elif name.endswith("pos_embed"):
+            wd = weight_decay_pos_embed
+        elif name.endswith(".bias"):
+            wd = wd_bias
+        else:
+            wd = weight_decay
+        scale = 1.0
+        if encoder is not None and layer_decay != 1.0:
+            scale = layer_decay ** (num_layers + 1 - convmae_layer_id(name, num_layers, prefix))
+        key = (scale, wd)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": base_lr * scale, "weight_decay": wd, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    s = cfg.SOLVER
+    groups = get_param_groups(
+        model,
+        base_lr=s.BASE_LR,
+        weight_decay=s.WEIGHT_DECAY,
+        weight_decay_norm=s.WEIGHT_DECAY_NORM,
+        weight_decay_bias=s.WEIGHT_DECAY_BIAS,
+        weight_decay_pos_embed=s.WEIGHT_DECAY_POS_EMBED,
+        layer_decay=s.LAYER_DECAY,
+    )
+    name = s.OPTIMIZER.upper()
+    if name == "ADAMW":
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=s.BASE_LR, betas=tuple(s.BETAS))
+    if name == "SGD":
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+    raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {s.OPTIMIZER!r}")

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="convmae-det",
+    version="0.1.0",
+    description="ConvMAE backbones, pretraining and checkpoint conversion for detectron2",
+    packages=find_packages(include=("convmae_det", "convmae_det.*")),
+    python_requires=">=3.9",
+    # detectron2 is not on PyPI: tools/install_detectron2.py (make setup) provides it
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "fvcore",
+        "timm>=0.9",
+        "pycocotools>=2.0.2",
+        "shapely",
+        "numpy",
+        "Pillow",
+    ],
+)

@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+from conftest import tiny_convvit_kwargs
+from convmae_det.modeling import ConvViT, TransformerBlock
+from convmae_det.modeling.layers import get_rel_pos, window_partition, window_unpartition
+from reference_keys import convmae_base_encoder_shapes
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (64, 96), (96, 32), (160, 224)])
+def test_strides_and_shapes(hw):
+    net = ConvViT(**tiny_convvit_kwargs(window_size=3, window_block_indexes=[0], use_rel_pos=True)).eval()
+    H, W = hw
+    out = net(torch.randn(2, 3, H, W))
+    assert list(out) == ["s4", "s8", "s16", "s32"]
+    for name, c in net.out_feature_channels.items():
+        s = net.out_feature_strides[name]
+        assert out[name].shape == (2, c, H // s, W // s), (name, out[name].shape)
+
+
+@pytest.mark.parametrize("hw", [(64, 63), (50, 64)])
+def test_rejects_sizes_not_multiple_of_16(hw):
+    net = ConvViT(**tiny_convvit_kwargs())
+    with pytest.raises(ValueError, match="multiples of 16"):
+        net(torch.randn(1, 3, *hw))
+
+
+def test_window_padding_roundtrip():
+    x = torch.randn(2, 9, 11, 5)
+    win, pad_hw = window_partition(x, 4)
+    assert pad_hw == (12, 12) and win.shape == (2 * 9, 4, 4, 5)
+    assert torch.equal(window_unpartition(win, 4, pad_hw, (9, 11)), x)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_window_attention_equals_global_when_one_window_covers_grid(impl):
+    torch.manual_seed(1)
+    glob = TransformerBlock(32, 4, use_rel_pos=True, rel_pos_size=(6, 6), attn_impl=impl)
+    win = TransformerBlock(32, 4, use_rel_pos=True, window_size=6, attn_impl=impl)
+    with torch.no_grad():
+        for p in glob.parameters():
+            p.normal_(0, 0.2)
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(2, 6, 6, 32)
+    a, b = glob(x), win(x)
+    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def test_window_block_differs_from_global_when_windows_split_grid():
+    glob = TransformerBlock(32, 4)
+    win = TransformerBlock(32, 4, window_size=3)
+    win.load_state_dict(glob.state_dict())
+    x = torch.randn(1, 6, 6, 32)
+    assert not torch.allclose(glob(x), win(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 64)])
+def test_sdpa_equals_eager(hw):
+    net = ConvViT(
+        **tiny_convvit_kwargs(window_size=3, window_block_indexes=[0], use_rel_pos=True, rel_pos_grid=(4, 4))
+    ).eval()
+    with torch.no_grad():
+        for blk in net.blocks3:
+            blk.attn.rel_pos_h.normal_(0, 0.5)
+            blk.attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, 3, *hw)
+    net.set_attn_impl("sdpa")
+    a = net(x)
+    net.set_attn_impl("eager")
+    b = net(x)
+    for k in a:
+        diff = (a[k] - b[k]).abs().max().item()
+        assert diff < 1e-5, f"{k}: sdpa and eager differ by {diff}"
+
+
+def test_rel_pos_table_is_resized_for_other_grids():
+    table = torch.arange(7, dtype=torch.float32)[:, None].repeat(1, 3)  # length 2*4-1
+    same = get_rel_pos(4, table)
+    assert same.shape == (4, 4, 3) and same[0, 0, 0] == 3 and same[3, 0, 0] == 6 and same[0, 3, 0] == 0
+    bigger = get_rel_pos(6, table)  # resized to 11 entries by linear interpolation
+    assert bigger.shape == (6, 6, 3)
+    assert torch.allclose(bigger[0, 0], torch.full((3,), 3.0), atol=0.35)
+
+
+def test_pos_embed_is_resampled_to_the_input_grid():
+    net = ConvViT(**tiny_convvit_kwargs()).eval()
+    # the 64 px pretraining grid is 4x4; a 128x64 input needs 8x4 positions
+    out = net(torch.randn(1, 3, 128, 64))
+    assert out["s16"].shape[-2:] == (8, 4)
+
+
+def test_base_parameter_names_and_shapes_match_official_checkpoint():
+    net = ConvViT(
+        embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12,
+        window_size=14, window_block_indexes=[0, 2, 3, 5, 6, 8, 9], use_rel_pos=True, rel_pos_grid=(64, 64),
+    )
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items() if "rel_pos" not in k}
+    assert ours == convmae_base_encoder_shapes()
+    # ViTDet rel-pos tables: 2*14-1 for window blocks, 2*64-1 for the global ones
+    assert net.blocks3[0].attn.rel_pos_h.shape == (27, 64)
+    assert net.blocks3[1].attn.rel_pos_h.shape == (127, 64)
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True)
+    a, b = ConvViT(**kw), ConvViT(**kw, use_act_checkpoint=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    for net in (a, b):
+        sum(v.square().mean() for v in net(x).values()).backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_drop_path_is_stochastic_in_training_only():
+    net = ConvViT(**tiny_convvit_kwargs(drop_path_rate=0.5))
+    x = torch.randn(2, 3, 64, 64)
+    net.train()
+    assert not torch.allclose(net(x)["s16"], net(x)["s16"])
+    net.eval()
+    assert torch.equal(net(x)["s16"], net(x)["s16"])

@@ -1,0 +1,144 @@
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+
+import convmae_det
+from convmae_det import add_convmae_config
+from convmae_det.engine import setup_cfg
+from convmae_det.modeling import LayerNorm2d, MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
+from convmae_det.solver import get_param_groups
+from convmae_det.utils.compat import MissingCompiledOpError, check_compiled_ops, has_compiled_ops
+from reference_keys import convmae_base_encoder_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
+BASE = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
+
+
+def tiny_cfg(*opts):
+    return setup_cfg(TINY, ["MODEL.DEVICE", "cpu", *opts])
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("build_convmae_sfp_backbone", SimpleFeaturePyramid),
+    ("build_convmae_msfp_backbone", MultiScaleSimpleFeaturePyramid),
+])
+def test_pyramid_outputs_p2_to_p6(name, cls):
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0")
+    backbone = build_backbone(cfg)
+    assert isinstance(backbone, cls)
+    out = backbone(torch.randn(1, 3, 96, 64))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    for k, spec in backbone.output_shape().items():
+        assert out[k].shape == (1, spec.channels, -(-96 // spec.stride), -(-64 // spec.stride)), k
+
+
+def test_square_padding_and_its_errors():
+    backbone = build_backbone(tiny_cfg())  # SQUARE_PAD 128
+    out = backbone(torch.randn(1, 3, 96, 64))
+    assert out["p2"].shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="larger than the square padding size 128"):
+        backbone(torch.randn(1, 3, 160, 64))
+    unpadded = build_backbone(tiny_cfg("MODEL.CONVMAE.SQUARE_PAD", "0"))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        unpadded(torch.randn(1, 3, 48, 64))
+
+
+def test_sfp_parameter_names_follow_official_detection_checkpoints():
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", "build_convmae_sfp_backbone")
+    keys = set(build_backbone(cfg).state_dict())
+    for k in ["simfp_2.0.weight", "simfp_2.1.weight", "simfp_2.3.weight", "simfp_2.4.weight",
+              "simfp_2.4.norm.weight", "simfp_2.5.norm.bias", "simfp_3.0.weight", "simfp_3.1.norm.weight",
+              "simfp_4.0.weight", "simfp_4.1.norm.weight", "simfp_5.1.weight", "simfp_5.2.norm.weight",
+              "net.patch_embed1.proj.weight", "net.blocks3.0.attn.rel_pos_h"]:
+        assert k in keys, k
+
+
+def test_base_coco_config_builds_with_official_encoder_names():
+    cfg = get_cfg()
+    add_convmae_config(cfg)
+    cfg.merge_from_file(BASE)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    prefix = "backbone.net."
+    enc = {k[len(prefix):]: tuple(v.shape) for k, v in model.state_dict().items()
+           if k.startswith(prefix) and "rel_pos" not in k}
+    assert enc == convmae_base_encoder_shapes()
+    assert isinstance(model.roi_heads.box_head.conv1.norm, LayerNorm2d)
+    assert isinstance(model.roi_heads.mask_head.mask_fcn1.norm, LayerNorm2d)
+    assert len(model.proposal_generator.rpn_head.conv) == 2  # ViTDet RPN: two convs
+
+
+def test_unknown_config_key_is_a_clear_error():
+    with pytest.raises(KeyError, match="MODEL.CONVMAE.NOT_A_KEY"):
+        setup_cfg(TINY, ["MODEL.CONVMAE.NOT_A_KEY", "1"])
+    with pytest.raises(ValueError, match="GLOBAL_ATTN_INDEXES"):
+        build_backbone(tiny_cfg("MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[7]"))
+
+
+@pytest.mark.skipif(has_compiled_ops(), reason="this detectron2 has its compiled ops")
+def test_config_asking_for_a_missing_compiled_op_fails_at_start():
+    cfg = tiny_cfg()
+    cfg.defrost()
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignRotated"
+    with pytest.raises(MissingCompiledOpError, match="roi_align_rotated"):
+        check_compiled_ops(cfg)
+
+
+def _fake_batch(n=2, size=128):
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    batch = []
+    for i in range(n):
+        inst = Instances((size, size))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 100.0, 110.0]]))
+        inst.gt_classes = torch.tensor([1, 3])
+        m = torch.zeros(2, size, size, dtype=torch.bool)
+        m[0, 12:70, 10:60] = True
+        m[1, 40:110, 50:100] = True
+        inst.gt_masks = BitMasks(m)
+        batch.append({"image": torch.randint(0, 255, (3, size, size), dtype=torch.uint8).float(),
+                      "instances": inst, "height": size, "width": size})
+    return batch
+
+
+def test_mask_rcnn_training_step_updates_the_backbone():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    model.train()
+    before = model.backbone.net.patch_embed1.proj.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with EventStorage():
+        losses = model(_fake_batch())
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"}
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    opt.step()
+    assert not torch.equal(before, model.backbone.net.patch_embed1.proj.weight)
+    model.eval()
+    with torch.no_grad():
+        out = model([{"image": _fake_batch(1)[0]["image"], "height": 256, "width": 256}])
+    assert out[0]["instances"].image_size == (256, 256)
+
+
+def test_layer_decay_and_weight_decay_groups():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    groups = get_param_groups(model, base_lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    depth = model.backbone.net.depths[2]
+    assert by_param[id(named["backbone.net.patch_embed1.proj.weight"])]["lr"] == 0.5 ** (depth + 1)
+    assert by_param[id(named["backbone.net.blocks1.0.conv1.weight"])]["lr"] == 0.5 ** (depth + 1)
+    assert by_param[id(named["backbone.net.blocks3.0.attn.qkv.weight"])]["lr"] == 0.5 ** depth
+    assert by_param[id(named[f"backbone.net.blocks3.{depth - 1}.mlp.fc1.weight"])]["lr"] == 0.5
+    assert by_param[id(named["roi_heads.box_predictor.cls_score.weight"])]["lr"] == 1.0
+    assert by_param[id(named["backbone.net.blocks3.0.norm1.weight"])]["weight_decay"] == 0.0
+    assert by_param[id(named["backbone.simfp_2.0.norm.weight"])]["weight_decay"] == 0.0
+    assert by_param[id(named["backbone.net.pos_embed"])]["weight_decay"] == 0.0
+    assert by_param[id(named["backbone.net.blocks3.0.attn.qkv.weight"])]["weight_decay"] == 0.1

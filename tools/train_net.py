@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Train and evaluate Mask R-CNN with a ConvMAE backbone (box and mask AP with COCOEvaluator).
+
+  python tools/train_net.py --config-file configs/COCO/mask_rcnn_convmae_base_25ep.yaml --num-gpus 8
+  python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
+  python tools/train_net.py --config-file CONFIG --resume          # continue from last_checkpoint
+Trailing KEY VALUE pairs override the config.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import detectron2.utils.comm as comm  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data.datasets import register_coco_instances  # noqa: E402
+from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+
+import convmae_det  # noqa: E402,F401  (registers backbones, heads, datasets)
+from convmae_det.engine import Trainer, setup_cfg, visualize_predictions  # noqa: E402
+
+
+def register_datasets(specs):
+    """--register NAME JSON IMAGE_ROOT: a COCO-format dataset of your own."""
+    for name, json_file, image_root in specs or []:
+        if not os.path.isfile(json_file):
+            raise SystemExit(f"--register {name}: annotation file {json_file!r} does not exist")
+        if not os.path.isdir(image_root):
+            raise SystemExit(f"--register {name}: image folder {image_root!r} does not exist")
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
+
+
+def main(args):
+    register_datasets(args.register)
+    cfg = setup_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        res = trainer.train()
+        model = trainer.model
+    if cfg.TEST.VIS_NUM_IMAGES > 0 and comm.is_main_process() and cfg.DATASETS.TEST:
+        model = getattr(model, "module", model)
+        paths = visualize_predictions(
+            cfg, model, cfg.DATASETS.TEST[0], cfg.TEST.VIS_NUM_IMAGES,
+            os.path.join(cfg.OUTPUT_DIR, "vis"), cfg.TEST.VIS_SCORE_THRESH,
+        )
+        print(f"wrote {len(paths)} prediction images to {os.path.join(cfg.OUTPUT_DIR, 'vis')}")
+    return res
+
+
+if __name__ == "__main__":
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--register", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable); use NAME in DATASETS.TRAIN/TEST",
+    )
+    args = parser.parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
