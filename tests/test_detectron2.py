@@ -74,7 +74,7 @@ def test_base_coco_config_builds_with_official_encoder_names():
 
 
 def test_unknown_config_key_is_a_clear_error():
-    with pytest.raises(KeyError, match="MODEL.CONVMAE.NOT_A_KEY"):
+    with pytest.raises(ValueError, match="Non-existent key: MODEL.CONVMAE.NOT_A_KEY"):
         setup_cfg(TINY, ["MODEL.CONVMAE.NOT_A_KEY", "1"])
     with pytest.raises(ValueError, match="GLOBAL_ATTN_INDEXES"):
         build_backbone(tiny_cfg("MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[7]"))

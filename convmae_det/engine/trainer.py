@@ -25,7 +25,7 @@ logger = logging.getLogger("convmae_det")
 def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     """get_cfg + add_convmae_config + file + overrides, then checks that fail early and clearly.
 
-    Unknown keys in the file or the overrides raise detectron2's KeyError naming the key.
+    Unknown keys in the file or the overrides raise a ValueError naming the key.
     Without a GPU the model runs on the CPU and AMP is turned off.
     """
     cfg = get_cfg()
@@ -33,8 +33,14 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     if config_file:
         if not os.path.isfile(config_file):
             raise FileNotFoundError(f"config file {config_file!r} does not exist")
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+        try:
+            cfg.merge_from_file(config_file)
+        except KeyError as e:  # detectron2: "Non-existent config key: X"
+            raise ValueError(f"config file {config_file}: {e.args[0]}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (AssertionError, KeyError) as e:  # yacs asserts "Non-existent key: X" / odd length
+        raise ValueError(f"config override {list(opts)}: {e.args[0] if e.args else e}") from None
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu":

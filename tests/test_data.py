@@ -1,0 +1,68 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_util
+
+from convmae_det.data import SHAPE_CLASSES, ShapesSpec, build_lsj_augmentations, generate_shapes_dataset
+from convmae_det.data.shapes import shapes_dataset_ready
+from convmae_det.engine.trainer import check_image_files
+
+SPEC = ShapesSpec(num_train=12, num_val=6, image_size=96, max_size=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return generate_shapes_dataset(str(tmp_path_factory.mktemp("d") / "shapes"), SPEC)
+
+
+def test_dataset_is_coco_and_deterministic(shapes, tmp_path):
+    data = json.load(open(shapes["train"]))
+    assert [c["name"] for c in data["categories"]] == SHAPE_CLASSES
+    assert len(data["images"]) == 12 and len(data["annotations"]) >= 12 * SPEC["min_objects"] - 4
+    again = generate_shapes_dataset(str(tmp_path / "again"), SPEC)
+    assert json.load(open(again["train"])) == data
+    a = open(os.path.join(shapes["root"], "train", "000003.png"), "rb").read()
+    b = open(os.path.join(again["root"], "train", "000003.png"), "rb").read()
+    assert a == b
+
+
+def test_annotations_are_visible_parts(shapes):
+    data = json.load(open(shapes["val"]))
+    size = SPEC["image_size"]
+    by_image = {}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= size + 1e-6 and y + h <= size + 1e-6
+        rle = mask_util.merge(mask_util.frPyObjects(a["segmentation"], size, size))
+        by_image.setdefault(a["image_id"], []).append(mask_util.decode(rle).astype(bool))
+    # visible parts of different instances barely overlap (only along shared polygon edges)
+    for masks in by_image.values():
+        for i in range(len(masks)):
+            for j in range(i + 1, len(masks)):
+                inter = (masks[i] & masks[j]).sum()
+                assert inter <= 0.2 * min(masks[i].sum(), masks[j].sum()) + 8
+
+
+def test_ready_check_and_regeneration(shapes):
+    assert shapes_dataset_ready(shapes["root"], SPEC)
+    assert not shapes_dataset_ready(shapes["root"], ShapesSpec(num_train=13, num_val=6, image_size=96, max_size=48, seed=3))
+
+
+def test_missing_images_are_reported_by_path(tmp_path):
+    dicts = [{"file_name": str(tmp_path / "gone.png")}]
+    with pytest.raises(FileNotFoundError, match="gone.png"):
+        check_image_files(dicts, ["mine"])
+
+
+def test_lsj_output_is_square_crop():
+    import detectron2.data.transforms as T
+
+    augs = T.AugmentationList(build_lsj_augmentations(128, 0.5, 1.5))
+    img = np.random.randint(0, 255, (100, 140, 3), dtype=np.uint8)
+    inp = T.AugInput(img)
+    augs(inp)
+    assert inp.image.shape[:2] == (128, 128)
+    with pytest.raises(ValueError, match="MIN_SCALE"):
+        build_lsj_augmentations(128, 2.0, 1.0)
