@@ -64,3 +64,44 @@ def convmae_base_encoder_shapes(include_final_norm: bool = False):
     if include_final_norm:
         shapes.update({"norm.weight": (C3,), "norm.bias": (C3,)})
     return shapes
+
+
+def convmae_base_pretrain_shapes():
+    """The full official pretraining checkpoint: encoder, norm, fusion convs and decoder."""
+    shapes = convmae_base_encoder_shapes(include_final_norm=True)
+    D = 512
+    shapes.update(
+        {
+            "mask_token": (1, 1, D),
+            "decoder_pos_embed": (1, 196, D),
+            "stage1_output_decode.weight": (C3, C1, 4, 4),
+            "stage1_output_decode.bias": (C3,),
+            "stage2_output_decode.weight": (C3, C2, 2, 2),
+            "stage2_output_decode.bias": (C3,),
+            "decoder_embed.weight": (D, C3),
+            "decoder_embed.bias": (D,),
+            "decoder_norm.weight": (D,),
+            "decoder_norm.bias": (D,),
+            "decoder_pred.weight": (16 * 16 * 3, D),
+            "decoder_pred.bias": (16 * 16 * 3,),
+        }
+    )
+    for n in range(8):
+        p = f"decoder_blocks.{n}."
+        shapes.update(
+            {
+                p + "norm1.weight": (D,),
+                p + "norm1.bias": (D,),
+                p + "attn.qkv.weight": (3 * D, D),
+                p + "attn.qkv.bias": (3 * D,),
+                p + "attn.proj.weight": (D, D),
+                p + "attn.proj.bias": (D,),
+                p + "norm2.weight": (D,),
+                p + "norm2.bias": (D,),
+                p + "mlp.fc1.weight": (4 * D, D),
+                p + "mlp.fc1.bias": (4 * D,),
+                p + "mlp.fc2.weight": (D, 4 * D),
+                p + "mlp.fc2.bias": (D,),
+            }
+        )
+    return shapes

@@ -26,7 +26,7 @@ from shapely.ops import unary_union
 __all__ = ["SHAPE_CLASSES", "ShapesSpec", "generate_shapes_dataset", "shapes_dataset_ready", "make_shape_polygon"]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class ShapesSpec(dict):
@@ -38,9 +38,9 @@ class ShapesSpec(dict):
         num_val: int = 300,
         image_size: int = 128,
         min_objects: int = 2,
-        max_objects: int = 6,
-        min_size: int = 16,
-        max_size: int = 60,
+        max_objects: int = 5,
+        min_size: int = 22,
+        max_size: int = 64,
         seed: int = 0,
     ):
         if image_size < 32 or min_size < 4 or not min_size <= max_size < image_size:
@@ -109,7 +109,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     g = (xx * math.cos(ang) + yy * math.sin(ang))
     g = (g - g.min()) / max(g.max() - g.min(), 1e-6)
     img = a[None, None] * (1 - g[..., None]) + b[None, None] * g[..., None]
-    img += rng.normal(0, 12, img.shape)
+    img += rng.normal(0, 6, img.shape)
     # clutter: a few thin random lines that are not objects
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)

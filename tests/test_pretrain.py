@@ -1,0 +1,137 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from convmae_det.pretrain import ConvMAE, convmae_pretrain, patchify, random_masking, upsample_mask
+from convmae_det.pretrain.data import ImageFolderDataset, list_images
+from convmae_det.pretrain.engine import lr_at_step
+from reference_keys import convmae_base_pretrain_shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+
+def tiny_mae(**kw):
+    return ConvMAE(embed_dims=(32, 48, 64), depths=(1, 1, 2), num_heads=2, img_size=64,
+                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, **kw)
+
+
+def test_masks_have_the_ratio_and_are_shared_by_all_stages():
+    mask = random_masking(3, (14, 14), 0.75, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (3, 196) and torch.all(mask.sum(1) == 147)
+    for factor in (2, 4):
+        up = upsample_mask(mask, (14, 14), factor)
+        assert up.shape == (3, 1, 14 * factor, 14 * factor)
+        # every factor x factor cell of the upsampled mask equals the stage-3 value
+        assert torch.equal(up[:, 0, ::factor, ::factor].reshape(3, -1), mask)
+        assert torch.equal(torch.nn.functional.max_pool2d(up, factor), -torch.nn.functional.max_pool2d(-up, factor))
+
+
+def test_masked_convolution_leaks_nothing():
+    torch.manual_seed(0)
+    model = tiny_mae().eval()
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masking(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(1))
+    # change every pixel inside masked 16x16 blocks
+    pix = upsample_mask(mask, (4, 4), 16).bool().expand(-1, 3, -1, -1)
+    other = imgs.clone()
+    other[pix] = torch.randn(int(pix.sum())) * 10
+    vis = 1 - mask
+    with torch.no_grad():
+        a4, a8, _ = model.forward_conv_stages(imgs, (upsample_mask(vis, (4, 4), 4), upsample_mask(vis, (4, 4), 2)))
+        b4, b8, _ = model.forward_conv_stages(other, (upsample_mask(vis, (4, 4), 4), upsample_mask(vis, (4, 4), 2)))
+        keep4 = upsample_mask(vis, (4, 4), 4).bool().expand_as(a4)
+        keep8 = upsample_mask(vis, (4, 4), 2).bool().expand_as(a8)
+        assert torch.equal(a4[keep4], b4[keep4]) and torch.equal(a8[keep8], b8[keep8])
+        assert not torch.equal(a4, b4)  # the masked positions did change
+        assert torch.equal(model.forward_encoder(imgs, mask), model.forward_encoder(other, mask))
+
+
+def test_stage3_sees_only_visible_tokens():
+    model = tiny_mae()
+    seen = []
+    model.blocks3[0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    mask = random_masking(2, (4, 4), 0.75, generator=torch.Generator().manual_seed(0))
+    model(torch.randn(2, 3, 64, 64), mask=mask)
+    assert seen == [(2, 4, 64)]  # 25% of 16 tokens
+
+
+def test_loss_is_computed_on_masked_patches_only():
+    model = tiny_mae()
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masking(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(0))
+    target = patchify(imgs)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    pred = target.clone()
+    pred[mask == 0] = 100.0  # garbage at visible patches must not count
+    assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(0.0, abs=1e-6)
+    pred[mask == 1] += 1.0
+    assert model.forward_loss(imgs, pred, mask).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_official_full_checkpoint_layout_loads_strictly():
+    model = convmae_pretrain("base")
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == convmae_base_pretrain_shapes()
+    official = {k: torch.zeros(s) for k, s in convmae_base_pretrain_shapes().items()}
+    model.load_state_dict(official, strict=True)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [lr_at_step(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+
+
+def test_unreadable_images_are_skipped_and_reported(tmp_path, caplog):
+    from PIL import Image
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / "a" / "good.png")
+    (tmp_path / "a" / "b" / "bad.jpg").write_bytes(b"not an image")
+    files = list_images(str(tmp_path))
+    assert [os.path.basename(f) for f in files] == ["bad.jpg", "good.png"]
+    ds = ImageFolderDataset(str(tmp_path), lambda im: torch.tensor(im.size))
+    with caplog.at_level("WARNING"):
+        assert ds[0].tolist() == [20, 20]
+    assert "bad.jpg" in caplog.text
+
+
+def _pretrain(data, out, *extra):
+    import pretrain as tool
+
+    tool.main(["--data", data, "--output", str(out), "--size", "tiny", "--img-size", "64", "--decoder-dim", "32",
+               "--decoder-depth", "1", "--decoder-heads", "2", "--batch-size", "4", "--num-workers", "0",
+               "--lr", "1e-3", "--warmup-steps", "2", "--log-every", "1", "--device", "cpu", *extra])
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from convmae_det.data import ShapesSpec, generate_shapes_dataset
+
+    d = generate_shapes_dataset(str(tmp_path_factory.mktemp("img") / "s"), ShapesSpec(num_train=24, num_val=2, image_size=64, max_size=40, min_size=12))
+    return os.path.join(d["root"], "train")
+
+
+def test_resume_continues_the_same_loss_curve(image_folder, tmp_path):
+    full = _pretrain(image_folder, tmp_path / "full", "--steps", "6", "--checkpoint-every", "3")
+    _pretrain(image_folder, tmp_path / "cut", "--steps", "6", "--checkpoint-every", "3", "--stop-at", "3")
+    assert torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=True)["step"] == 3
+    resumed = _pretrain(image_folder, tmp_path / "cut", "--steps", "6", "--checkpoint-every", "3", "--resume")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    a = torch.tensor([r["loss"] for r in full])
+    b = torch.tensor([r["loss"] for r in resumed])
+    assert torch.allclose(a, b, rtol=0, atol=1e-6), (a, b)
+    assert [r["lr"] for r in full] == [r["lr"] for r in resumed]
+
+
+def test_pretrain_writes_checkpoint_and_grid(image_folder, tmp_path):
+    rows = _pretrain(image_folder, tmp_path / "o", "--steps", "2", "--checkpoint-every", "2")
+    assert [r["step"] for r in rows] == [1, 2]
+    ckpt = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
+    assert "patch_embed1.proj.weight" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
+    assert (tmp_path / "o" / "vis" / "step_000002.png").is_file()
