@@ -35,6 +35,12 @@ def add_convmae_config(cfg: CN) -> CN:
     _C.MODEL.CONVMAE.PYRAMID.OUT_CHANNELS = 256
     # simple feature pyramid only: scales applied to the stride-16 output
     _C.MODEL.CONVMAE.PYRAMID.SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
+    # multi-scale pyramid only: encoder outputs that become p2..p5 (a contiguous run of
+    # s4, s8, s16, s32); p6 is a max pool of the last
+    _C.MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES = ["s4", "s8", "s16", "s32"]
+
+    # ConvMAEROIHeads: box size that maps to the canonical level p4 (detectron2 fixes 224)
+    _C.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224
 
     # Heads: "LN" (channel LayerNorm, as in ViTDet) is accepted by the ConvMAE* heads' NORM keys
     # on every detectron2 release, including 0.6, which has no get_norm("LN").

@@ -142,3 +142,27 @@ def test_layer_decay_and_weight_decay_groups():
     assert by_param[id(named["backbone.simfp_2.0.norm.weight"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.net.pos_embed"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.net.blocks3.0.attn.qkv.weight"])]["weight_decay"] == 0.1
+
+
+def test_canonical_box_size_moves_small_boxes_to_deeper_levels():
+    from detectron2.modeling.poolers import assign_boxes_to_levels
+    from detectron2.structures import Boxes
+
+    cfg = tiny_cfg("MODEL.ROI_HEADS.NAME", "ConvMAEROIHeads", "MODEL.ROI_HEADS.CANONICAL_BOX_SIZE", "40")
+    heads = build_model(cfg).roi_heads
+    pooler = heads.box_pooler
+    assert pooler.canonical_box_size == 40 and heads.mask_pooler.canonical_box_size == 40
+    boxes = [Boxes(torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 20.0, 20.0]]))]
+    levels = assign_boxes_to_levels(boxes, pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level)
+    assert levels.tolist() == [2, 1]  # p4 and p3; with 224 both would be p2 (index 0)
+    with pytest.raises(ValueError, match="CANONICAL_BOX_SIZE"):
+        build_model(tiny_cfg("MODEL.ROI_HEADS.NAME", "ConvMAEROIHeads", "MODEL.ROI_HEADS.CANONICAL_BOX_SIZE", "0"))
+
+
+def test_msfp_can_start_at_p3():
+    cfg = tiny_cfg("MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s8", "s16", "s32"]')
+    backbone = build_backbone(cfg)
+    out = backbone(torch.randn(1, 3, 128, 128))
+    assert {k: v.shape[-1] for k, v in out.items()} == {"p3": 16, "p4": 8, "p5": 4, "p6": 2}
+    with pytest.raises(ValueError, match="contiguous"):
+        build_backbone(tiny_cfg("MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s16"]'))

@@ -26,7 +26,7 @@ from shapely.ops import unary_union
 __all__ = ["SHAPE_CLASSES", "ShapesSpec", "generate_shapes_dataset", "shapes_dataset_ready", "make_shape_polygon"]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class ShapesSpec(dict):
@@ -80,10 +80,12 @@ def make_shape_polygon(kind: str, cx: float, cy: float, size: float, angle: floa
 
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """An H W 3 uint8 texture: solid, stripes, checker or noisy, in random colours."""
+    """An H W 3 uint8 texture in random colours: solid (half of the time), stripes, checker
+    or speckle, with a second colour close enough that the shape's outline stays the
+    strongest edge."""
     c1 = rng.integers(0, 256, 3)
-    c2 = np.clip(c1 + rng.integers(-90, 91, 3), 0, 255)
-    kind = rng.integers(4)
+    c2 = np.clip(c1 + rng.integers(-60, 61, 3), 0, 255)
+    kind = rng.choice(4, p=[0.5, 0.2, 0.15, 0.15])
     yy, xx = np.mgrid[0:h, 0:w]
     if kind == 0:
         sel = np.zeros((h, w), bool)
@@ -97,7 +99,7 @@ def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     else:
         sel = rng.random((h, w)) < 0.5
     img = np.where(sel[..., None], c2, c1).astype(np.float64)
-    img += rng.normal(0, 8, img.shape)
+    img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

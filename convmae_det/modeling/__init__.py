@@ -1,7 +1,7 @@
 """ConvMAE modules and their detectron2 registrations (importing this fills the registries)."""
 from .backbone import build_convmae_msfp_backbone, build_convmae_sfp_backbone, build_convvit_from_cfg
 from .convvit import CONVVIT_SIZES, Attention, ConvBlock, ConvViT, PatchEmbed, TransformerBlock, convvit_kwargs
-from .heads import ConvMAEConvFCHead, ConvMAEMaskHead, resolve_norm
+from .heads import ConvMAEConvFCHead, ConvMAEMaskHead, ConvMAEROIHeads, resolve_norm
 from .layers import LayerNorm2d
 from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
 
@@ -18,6 +18,7 @@ __all__ = [
     "MultiScaleSimpleFeaturePyramid",
     "ConvMAEConvFCHead",
     "ConvMAEMaskHead",
+    "ConvMAEROIHeads",
     "resolve_norm",
     "build_convmae_sfp_backbone",
     "build_convmae_msfp_backbone",

@@ -62,11 +62,14 @@ def build_convmae_sfp_backbone(cfg, input_shape: ShapeSpec):
 
 @BACKBONE_REGISTRY.register()
 def build_convmae_msfp_backbone(cfg, input_shape: ShapeSpec):
-    """ConvViT + multi-scale simple pyramid from the stride 4/8/16/32 features (p2-p6)."""
+    """ConvViT + multi-scale simple pyramid from the stride 4/8/16/32 features (p2-p6, or the
+    levels of MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES)."""
     _check_input(cfg, input_shape)
     c = cfg.MODEL.CONVMAE
+    in_features = tuple(c.PYRAMID.MSFP_IN_FEATURES)
     return MultiScaleSimpleFeaturePyramid(
-        build_convvit_from_cfg(cfg, out_features=("s4", "s8", "s16", "s32")),
+        build_convvit_from_cfg(cfg, out_features=in_features),
         out_channels=c.PYRAMID.OUT_CHANNELS,
         square_pad=c.SQUARE_PAD,
+        in_features=in_features,
     )

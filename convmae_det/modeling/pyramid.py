@@ -130,15 +130,37 @@ class SimpleFeaturePyramid(_PyramidBase):
 
 
 class MultiScaleSimpleFeaturePyramid(_PyramidBase):
-    """A simple pyramid that reuses the conv stages: p2 <- s4, p3 <- s8, p4 <- s16, p5 <- s32."""
+    """A simple pyramid that reuses the conv stages: p2 <- s4, p3 <- s8, p4 <- s16, p5 <- s32.
 
-    def __init__(self, net: ConvViT, *, out_channels: int = 256, square_pad: int = 0, norm_eps: float = 1e-6):
-        super().__init__(net, out_channels, square_pad, [4, 8, 16, 32])
+    ``in_features`` picks a contiguous run of those levels (e.g. ("s8", "s16", "s32") for
+    p3-p6 when small images make p2 a waste of compute); p6 is always a max pool of the last.
+    """
+
+    LEVELS = ("s4", "s8", "s16", "s32")
+
+    def __init__(
+        self,
+        net: ConvViT,
+        *,
+        out_channels: int = 256,
+        square_pad: int = 0,
+        norm_eps: float = 1e-6,
+        in_features: Sequence[str] = ("s4", "s8", "s16", "s32"),
+    ):
+        in_features = list(in_features)
+        idx = [self.LEVELS.index(f) if f in self.LEVELS else -1 for f in in_features]
+        if not in_features or -1 in idx or idx != list(range(idx[0], idx[0] + len(idx))):
+            raise ValueError(f"in_features must be a contiguous run of {list(self.LEVELS)}, got {in_features}")
+        strides = [net.out_feature_strides[f] for f in in_features]
+        super().__init__(net, out_channels, square_pad, strides)
+        missing = set(in_features) - set(net._out_features)
+        if missing:
+            raise ValueError(f"the encoder does not output {sorted(missing)}; build it with out_features={in_features}")
         channels = net.out_feature_channels
-        self._in_features = ["s4", "s8", "s16", "s32"]
-        for name, stride in zip(self._in_features, [4, 8, 16, 32]):
+        self._in_features = in_features
+        for name, stride in zip(in_features, strides):
             self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*_out_convs(channels[name], out_channels, norm_eps)))
-        self._stages = [getattr(self, f"simfp_{i}") for i in (2, 3, 4, 5)]
+        self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
