@@ -8,10 +8,13 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.convmae-det-installed
-DEMO_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes.yaml
+SCRATCH_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes.yaml
+FINETUNE_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes_pretrained.yaml
 DEMO_OUT ?= output/demo
+PRETRAIN_STEPS ?= 240
+export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: setup demo demo-scratch test clean
+.PHONY: setup demo demo-pretrain test clean
 
 setup: $(STAMP)
 
@@ -24,8 +27,21 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 	$(PY) -c "import convmae_det, detectron2; print('convmae-det ready with detectron2', detectron2.__version__)"
 	touch $(STAMP)
 
+# train a tiny ConvMAE Mask R-CNN (random init) on the built-in dataset and evaluate it
 demo: setup
-	$(PY) tools/train_net.py --config-file $(DEMO_CONFIG) OUTPUT_DIR $(DEMO_OUT)
+	$(PY) tools/train_net.py --config-file $(SCRATCH_CONFIG) OUTPUT_DIR $(DEMO_OUT)/scratch
+
+# pretrain a tiny ConvMAE on the built-in training images -> convert -> finetune -> evaluate
+demo-pretrain: setup
+	$(PY) tools/make_shapes_dataset.py
+	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/train --output $(DEMO_OUT)/pretrain \
+		--size tiny --img-size 128 --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 \
+		--batch-size 32 --steps $(PRETRAIN_STEPS) --lr 1.5e-3 --warmup-steps 20 --num-workers 1 \
+		--checkpoint-every $(PRETRAIN_STEPS) --log-every 20
+	$(PY) tools/convert_pretrain.py $(DEMO_OUT)/pretrain/checkpoint.pth $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth \
+		--config $(FINETUNE_CONFIG)
+	$(PY) tools/train_net.py --config-file $(FINETUNE_CONFIG) \
+		MODEL.WEIGHTS $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth OUTPUT_DIR $(DEMO_OUT)/finetune
 
 test: setup
 	$(PY) -m pytest -q tests

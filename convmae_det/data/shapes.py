@@ -26,7 +26,7 @@ from shapely.ops import unary_union
 __all__ = ["SHAPE_CLASSES", "ShapesSpec", "generate_shapes_dataset", "shapes_dataset_ready", "make_shape_polygon"]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 class ShapesSpec(dict):
@@ -39,7 +39,7 @@ class ShapesSpec(dict):
         image_size: int = 128,
         min_objects: int = 2,
         max_objects: int = 5,
-        min_size: int = 22,
+        min_size: int = 24,
         max_size: int = 64,
         seed: int = 0,
     ):
@@ -145,18 +145,18 @@ def _make_image(rng: np.random.Generator, spec: ShapesSpec):
             break
         kind = int(rng.integers(len(SHAPE_CLASSES)))
         s = float(math.exp(rng.uniform(math.log(spec["min_size"]), math.log(spec["max_size"]))))
-        cx, cy = rng.uniform(s * 0.3, size - s * 0.3, 2)
+        cx, cy = rng.uniform(s * 0.45, size - s * 0.45, 2)
         pts = make_shape_polygon(SHAPE_CLASSES[kind], cx, cy, s, rng.uniform(0, 2 * math.pi))
         poly = Polygon(pts).buffer(0).intersection(frame)
-        if poly.is_empty or poly.area < 0.6 * Polygon(pts).area:
-            continue  # mostly outside the image
+        if poly.is_empty or poly.area < 0.9 * Polygon(pts).area:
+            continue  # partly outside the image
         ok = True
         new_visible = []
         for obj in placed:
             vis = obj["visible"].difference(poly)
             parts = vis.geoms if isinstance(vis, MultiPolygon) else [vis]
             # keep occluded instances recognisable and representable by COCO polygons
-            if vis.is_empty or vis.area < 0.45 * obj["area"] or any(len(p.interiors) for p in parts if not p.is_empty):
+            if vis.is_empty or vis.area < 0.65 * obj["area"] or any(len(p.interiors) for p in parts if not p.is_empty):
                 ok = False
                 break
             new_visible.append(vis)
