@@ -28,7 +28,8 @@ def tiny_cfg(*opts):
     ("build_convmae_msfp_backbone", MultiScaleSimpleFeaturePyramid),
 ])
 def test_pyramid_outputs_p2_to_p6(name, cls):
-    cfg = tiny_cfg("MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0")
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0",
+                   "MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s8", "s16", "s32"]')
     backbone = build_backbone(cfg)
     assert isinstance(backbone, cls)
     out = backbone(torch.randn(1, 3, 96, 64))
@@ -40,7 +41,7 @@ def test_pyramid_outputs_p2_to_p6(name, cls):
 def test_square_padding_and_its_errors():
     backbone = build_backbone(tiny_cfg())  # SQUARE_PAD 128
     out = backbone(torch.randn(1, 3, 96, 64))
-    assert out["p2"].shape[-2:] == (32, 32)
+    assert out["p3"].shape[-2:] == (16, 16)
     with pytest.raises(ValueError, match="larger than the square padding size 128"):
         backbone(torch.randn(1, 3, 160, 64))
     unpadded = build_backbone(tiny_cfg("MODEL.CONVMAE.SQUARE_PAD", "0"))
@@ -139,7 +140,7 @@ def test_layer_decay_and_weight_decay_groups():
     assert by_param[id(named[f"backbone.net.blocks3.{depth - 1}.mlp.fc1.weight"])]["lr"] == 0.5
     assert by_param[id(named["roi_heads.box_predictor.cls_score.weight"])]["lr"] == 1.0
     assert by_param[id(named["backbone.net.blocks3.0.norm1.weight"])]["weight_decay"] == 0.0
-    assert by_param[id(named["backbone.simfp_2.0.norm.weight"])]["weight_decay"] == 0.0
+    assert by_param[id(named["backbone.simfp_3.0.norm.weight"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.net.pos_embed"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.net.blocks3.0.attn.qkv.weight"])]["weight_decay"] == 0.1
 
@@ -154,7 +155,11 @@ def test_canonical_box_size_moves_small_boxes_to_deeper_levels():
     assert pooler.canonical_box_size == 40 and heads.mask_pooler.canonical_box_size == 40
     boxes = [Boxes(torch.tensor([[0.0, 0.0, 40.0, 40.0], [0.0, 0.0, 20.0, 20.0]]))]
     levels = assign_boxes_to_levels(boxes, pooler.min_level, pooler.max_level, pooler.canonical_box_size, pooler.canonical_level)
-    assert levels.tolist() == [2, 1]  # p4 and p3; with 224 both would be p2 (index 0)
+    # the tiny config pools from p3-p5: 40 px -> p4 (index 1), 20 px -> p3 (index 0);
+    # with detectron2's 224 both would be clamped to p3
+    assert levels.tolist() == [1, 0]
+    default = assign_boxes_to_levels(boxes, pooler.min_level, pooler.max_level, 224, pooler.canonical_level)
+    assert default.tolist() == [0, 0]
     with pytest.raises(ValueError, match="CANONICAL_BOX_SIZE"):
         build_model(tiny_cfg("MODEL.ROI_HEADS.NAME", "ConvMAEROIHeads", "MODEL.ROI_HEADS.CANONICAL_BOX_SIZE", "0"))
 
