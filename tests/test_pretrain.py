@@ -135,3 +135,20 @@ def test_pretrain_writes_checkpoint_and_grid(image_folder, tmp_path):
     ckpt = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
     assert "patch_embed1.proj.weight" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
     assert (tmp_path / "o" / "vis" / "step_000002.png").is_file()
+
+
+def test_ddp_under_torchrun_with_two_cpu_processes(image_folder, tmp_path):
+    import subprocess
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tools", "pretrain.py"), "--data", image_folder, "--output", str(out),
+           "--size", "tiny", "--img-size", "64", "--decoder-dim", "32", "--decoder-depth", "1",
+           "--decoder-heads", "2", "--batch-size", "2", "--effective-batch", "8", "--steps", "3",
+           "--num-workers", "0", "--checkpoint-every", "3", "--log-every", "1", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es), batch 2 x 2 x accum 2 = 8" in r.stderr
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
