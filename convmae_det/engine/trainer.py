@@ -5,8 +5,15 @@ from typing import List
 
 import numpy as np
 import torch
+from PIL import Image
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data import detection_utils as utils
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
@@ -113,8 +120,6 @@ def check_image_files(dataset_dicts, names) -> None:
 def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output_dir: str, score_thresh: float = 0.5):
     """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
     of a registered dataset with detectron2's Visualizer; returns the PNG paths."""
-    from detectron2.data import build_detection_test_loader
-
     os.makedirs(output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
@@ -129,8 +134,6 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
         pred = Visualizer(img, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(out).get_image()
         gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
         path = os.path.join(output_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
-        from PIL import Image
-
         Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)
         paths.append(path)
     model.train(was_training)
