@@ -132,3 +132,26 @@ def test_official_base_checkpoint_converts_for_the_coco_config(tmp_path):
     missing, unexpected = _encoder_missing(model, torch.load(out, weights_only=True)["model"])
     assert missing == [] and unexpected == []
     assert torch.equal(model.backbone.net.blocks3[10].mlp.fc2.weight, sd["blocks3.10.mlp.fc2.weight"])
+
+
+def test_train_net_refuses_weights_that_do_not_fit_the_backbone(tmp_path, tiny_model):
+    from convmae_det.engine.trainer import check_weights_fit
+
+    good = tmp_path / "good.pth"
+    torch.save({"model": tiny_model.state_dict()}, good)
+    check_weights_fit(tiny_model, str(good))
+    bad_sd = dict(tiny_model.state_dict())
+    bad_sd["backbone.net.patch_embed1.proj.weight"] = torch.zeros(8, 3, 4, 4)
+    bad_sd["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(81, 256)  # heads may differ
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": bad_sd}, bad)
+    with pytest.raises(CheckpointError, match=r"patch_embed1.proj.weight: checkpoint \(8, 3, 4, 4\), model \(64, 3, 4, 4\)"):
+        check_weights_fit(tiny_model, str(bad))
+    head_only = dict(tiny_model.state_dict())
+    head_only["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(81, 256)
+    torch.save({"model": head_only}, bad)
+    check_weights_fit(tiny_model, str(bad))
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04truncated")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        check_weights_fit(tiny_model, str(corrupt))

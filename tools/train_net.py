@@ -19,6 +19,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 
 import convmae_det  # noqa: E402,F401  (registers backbones, heads, datasets)
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions  # noqa: E402
+from convmae_det.engine.trainer import check_weights_fit  # noqa: E402
 
 
 def register_datasets(specs):
@@ -38,6 +39,7 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
+        check_weights_fit(model, cfg.MODEL.WEIGHTS)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
     else:

@@ -19,12 +19,13 @@ from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
+from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
 from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
 from ..solver import build_optimizer
 from ..utils.compat import check_compiled_ops, has_compiled_ops
 
-__all__ = ["setup_cfg", "Trainer", "check_image_files", "visualize_predictions"]
+__all__ = ["setup_cfg", "Trainer", "check_image_files", "check_weights_fit", "visualize_predictions"]
 
 logger = logging.getLogger("convmae_det")
 
@@ -66,12 +67,45 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     return cfg
 
 
+def check_weights_fit(model, path: str) -> None:
+    """Fail clearly if MODEL.WEIGHTS cannot be read or its backbone tensors do not fit the model.
+
+    detectron2 only logs shape mismatches and skips those tensors, which silently leaves the
+    encoder at its random initialisation. Mismatched *head* tensors (another class count) stay
+    a warning: finetuning a detector on a new dataset is legitimate.
+    """
+    if not path or path.endswith(".pkl") or "://" in path:
+        return
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.WEIGHTS {path!r} does not exist")
+    sd = unwrap_state_dict(load_checkpoint_file(path))
+    own = getattr(model, "module", model).state_dict()
+    bad = [
+        f"  {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k.startswith("backbone.") and k in own and own[k].shape != v.shape
+    ]
+    if bad:
+        raise CheckpointError(
+            f"MODEL.WEIGHTS {path} does not fit the backbone of this config ({len(bad)} tensors):\n"
+            + "\n".join(bad[:10])
+            + "\nconvert it for this config with tools/convert_pretrain.py, or fix MODEL.CONVMAE"
+        )
+    if any(k.startswith("backbone.") for k in own) and not any(k in own for k in sd):
+        raise CheckpointError(f"MODEL.WEIGHTS {path} shares no parameter name with the model (convert it first?)")
+
+
 class Trainer(DefaultTrainer):
     """DefaultTrainer with AdamW + layer decay, LSJ and the COCO evaluator that fits detectron2."""
 
     def __init__(self, cfg):
         prepare_builtin_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         super().__init__(cfg)
+
+    def resume_or_load(self, resume=True):
+        if not (resume and self.checkpointer.has_checkpoint()):
+            check_weights_fit(self.model, self.cfg.MODEL.WEIGHTS)
+        return super().resume_or_load(resume=resume)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
