@@ -4,6 +4,24 @@ written out from the reference's listing, for the encoder part used by detection
 C1, C2, C3 = 256, 384, 768
 
 
+def _vit_block_shapes(p: str, d: int):
+    """Official names of a pre-norm ViT block (timm Block) of width d under prefix p."""
+    return {
+        p + "norm1.weight": (d,),
+        p + "norm1.bias": (d,),
+        p + "attn.qkv.weight": (3 * d, d),
+        p + "attn.qkv.bias": (3 * d,),
+        p + "attn.proj.weight": (d, d),
+        p + "attn.proj.bias": (d,),
+        p + "norm2.weight": (d,),
+        p + "norm2.bias": (d,),
+        p + "mlp.fc1.weight": (4 * d, d),
+        p + "mlp.fc1.bias": (4 * d,),
+        p + "mlp.fc2.weight": (d, 4 * d),
+        p + "mlp.fc2.bias": (d,),
+    }
+
+
 def convmae_base_encoder_shapes(include_final_norm: bool = False):
     shapes = {
         "pos_embed": (1, 196, C3),
@@ -44,23 +62,7 @@ def convmae_base_encoder_shapes(include_final_norm: bool = False):
                 }
             )
     for n in range(11):
-        p = f"blocks3.{n}."
-        shapes.update(
-            {
-                p + "norm1.weight": (C3,),
-                p + "norm1.bias": (C3,),
-                p + "attn.qkv.weight": (3 * C3, C3),
-                p + "attn.qkv.bias": (3 * C3,),
-                p + "attn.proj.weight": (C3, C3),
-                p + "attn.proj.bias": (C3,),
-                p + "norm2.weight": (C3,),
-                p + "norm2.bias": (C3,),
-                p + "mlp.fc1.weight": (4 * C3, C3),
-                p + "mlp.fc1.bias": (4 * C3,),
-                p + "mlp.fc2.weight": (C3, 4 * C3),
-                p + "mlp.fc2.bias": (C3,),
-            }
-        )
+        shapes.update(_vit_block_shapes(f"blocks3.{n}.", C3))
     if include_final_norm:
         shapes.update({"norm.weight": (C3,), "norm.bias": (C3,)})
     return shapes
@@ -87,21 +89,5 @@ def convmae_base_pretrain_shapes():
         }
     )
     for n in range(8):
-        p = f"decoder_blocks.{n}."
-        shapes.update(
-            {
-                p + "norm1.weight": (D,),
-                p + "norm1.bias": (D,),
-                p + "attn.qkv.weight": (3 * D, D),
-                p + "attn.qkv.bias": (3 * D,),
-                p + "attn.proj.weight": (D, D),
-                p + "attn.proj.bias": (D,),
-                p + "norm2.weight": (D,),
-                p + "norm2.bias": (D,),
-                p + "mlp.fc1.weight": (4 * D, D),
-                p + "mlp.fc1.bias": (4 * D,),
-                p + "mlp.fc2.weight": (D, 4 * D),
-                p + "mlp.fc2.bias": (D,),
-            }
-        )
+        shapes.update(_vit_block_shapes(f"decoder_blocks.{n}.", D))
     return shapes
