@@ -26,9 +26,11 @@ def add_convmae_config(cfg: CN) -> CN:
     _C.MODEL.CONVMAE.USE_REL_POS = True
     # training image size: global blocks' rel-pos tables are sized for a (size/16) grid
     _C.MODEL.CONVMAE.REL_POS_IMG_SIZE = 1024
+    # recompute block activations in backward (keeps the attention kernels' outputs)
     _C.MODEL.CONVMAE.USE_ACT_CHECKPOINT = False
-    # "sdpa" (F.scaled_dot_product_attention) or "eager" (explicit attention matrix)
-    _C.MODEL.CONVMAE.ATTN_IMPL = "sdpa"
+    # "fast" (fused attention, channels-last conv stages) or "eager" (explicit attention
+    # matrices, NCHW conv stages: what the official code computes); same weights, same outputs
+    _C.MODEL.CONVMAE.IMPL = "fast"
     # zero-pad every input to a SQUARE_PAD x SQUARE_PAD square (ViTDet pads to 1024); 0 = off
     _C.MODEL.CONVMAE.SQUARE_PAD = 1024
     _C.MODEL.CONVMAE.PYRAMID = CN()

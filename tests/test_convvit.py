@@ -54,23 +54,51 @@ def test_window_block_differs_from_global_when_windows_split_grid():
     assert not torch.allclose(glob(x), win(x), atol=1e-4)
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (96, 64)])
-def test_sdpa_equals_eager(hw):
+def _net_with_random_rel_pos(**overrides):
     net = ConvViT(
-        **tiny_convvit_kwargs(window_size=3, window_block_indexes=[0], use_rel_pos=True, rel_pos_grid=(4, 4))
-    ).eval()
+        **tiny_convvit_kwargs(
+            window_size=3, window_block_indexes=[0], use_rel_pos=True, rel_pos_grid=(4, 4), **overrides
+        )
+    )
     with torch.no_grad():
         for blk in net.blocks3:
             blk.attn.rel_pos_h.normal_(0, 0.5)
             blk.attn.rel_pos_w.normal_(0, 0.5)
+    return net
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (96, 64)])
+def test_fast_equals_eager_forward_and_gradients(hw):
+    net = _net_with_random_rel_pos()
     x = torch.randn(2, 3, *hw)
-    net.set_attn_impl("sdpa")
-    a = net(x)
-    net.set_attn_impl("eager")
-    b = net(x)
-    for k in a:
-        diff = (a[k] - b[k]).abs().max().item()
-        assert diff < 1e-5, f"{k}: sdpa and eager differ by {diff}"
+    outs, grads = {}, {}
+    for impl in ("fast", "eager"):
+        net.set_impl(impl)
+        net.zero_grad()
+        out = net(x)
+        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+        outs[impl] = {k: v.detach() for k, v in out.items()}
+        grads[impl] = {n: p.grad.clone() for n, p in net.named_parameters()}
+    for k in outs["fast"]:
+        diff = (outs["fast"][k] - outs["eager"][k]).abs().max().item()
+        assert diff < 1e-5, f"{k}: fast and eager differ by {diff}"
+    for n, g in grads["fast"].items():
+        scale = grads["eager"][n].abs().max().item() + 1e-6
+        diff = (g - grads["eager"][n]).abs().max().item()
+        assert diff / scale < 1e-4, f"grad of {n}: fast and eager differ by {diff} (max {scale})"
+
+
+def test_fast_conv_stages_keep_channels_last_without_copies():
+    net = ConvViT(**tiny_convvit_kwargs()).eval()
+    s4, s8, tokens = net.forward_conv_stages(torch.randn(1, 3, 64, 64))
+    for t in (s4, s8):  # NCHW views of B H W C memory
+        assert t.is_contiguous(memory_format=torch.channels_last) and t.permute(0, 2, 3, 1).is_contiguous()
+    assert tokens.is_contiguous()
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ConvViT(**tiny_convvit_kwargs(), impl="flash")
 
 
 def test_rel_pos_table_is_resized_for_other_grids():
@@ -101,8 +129,9 @@ def test_base_parameter_names_and_shapes_match_official_checkpoint():
     assert net.blocks3[1].attn.rel_pos_h.shape == (127, 64)
 
 
-def test_activation_checkpointing_gives_same_gradients():
-    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True)
+@pytest.mark.parametrize("impl", ["fast", "eager"])
+def test_activation_checkpointing_gives_same_gradients(impl):
+    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True, impl=impl)
     a, b = ConvViT(**kw), ConvViT(**kw, use_act_checkpoint=True)
     b.load_state_dict(a.state_dict())
     x = torch.randn(2, 3, 64, 64)

@@ -37,7 +37,7 @@ def build_convvit_from_cfg(cfg, out_features) -> ConvViT:
         use_rel_pos=c.USE_REL_POS,
         rel_pos_grid=(grid, grid),
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
-        attn_impl=c.ATTN_IMPL,
+        impl=c.IMPL,
         out_features=out_features,
     )
 

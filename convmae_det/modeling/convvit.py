@@ -4,7 +4,18 @@ Stages 1-2 are convolutional and work in NCHW; stage 3 is a plain ViT and works 
 B H W C token grid (detection) or on a B N C token sequence (pretraining, visible tokens only).
 Parameter names follow the official ConvMAE checkpoints (``patch_embed1..4``, ``blocks1..3``,
 the depthwise 5x5 conv named ``attn``), so published weights load without renaming.
+
+Two implementations compute the same function (tested equal), switched by ``impl``:
+
+- ``"fast"``: conv stages in channels-last (B H W C) with the 1x1 convs as matmuls and the
+  depthwise conv on a channels-last view, so the conv and token layouts meet without copies;
+  attention by ``F.scaled_dot_product_attention`` with the relative-position term folded into
+  the query and key (no N x N bias tensor, fused kernels stay eligible).
+- ``"eager"``: what the official code computes: NCHW conv stages with permutes around every
+  LayerNorm, explicit attention matrices with the relative-position bias added to them. Kept
+  for equivalence tests and as the benchmark's baseline.
 """
+import functools
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -31,7 +42,11 @@ __all__ = [
     "TransformerBlock",
     "ConvViT",
     "convvit_kwargs",
+    "patch_linear",
+    "IMPLS",
 ]
+
+IMPLS = ("fast", "eager")
 
 # embed dims, depths and heads per size. Base is the published ConvMAE-B; small and large follow
 # the ConvMAE-v2 release and are only as exact as its tensor shapes (loaders read sizes from
@@ -53,6 +68,37 @@ def convvit_kwargs(size: str, **overrides) -> dict:
     return kwargs
 
 
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def _layer_norm_nhwc(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _pointwise_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv applied to B H W C as a matmul (the weight keeps its conv shape)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def _conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A spatial conv on B H W C: the NCHW view of a channels-last tensor costs no copy, and
+    the conv returns channels-last, whose B H W C view is contiguous again."""
+    y = conv(x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+    return y.permute(0, 2, 3, 1)
+
+
+def patch_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A conv whose kernel equals its stride, on B H W C, as one matmul over gathered patches
+    (B h w p*p*C); CPU conv backward is several times slower than the matmul's."""
+    B, H, W, C = x.shape
+    p = conv.kernel_size[0]
+    # B H W C -> B h p w p C -> B h w p p C -> B h w (p p C), the order of weight.permute(0, 2, 3, 1)
+    x = x.reshape(B, H // p, p, W // p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // p, W // p, p * p * C)
+    return F.linear(x, conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
+
+
 class PatchEmbed(nn.Module):
     """Conv2d with kernel = stride, then channel LayerNorm and GELU. NCHW in, NCHW out."""
 
@@ -65,6 +111,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.proj(x)))
+
+    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """B H W C in, B H/p W/p C' out."""
+        return self.act(_layer_norm_nhwc(self.norm, patch_linear(self.proj, x)))
 
 
 class ConvMlp(nn.Module):
@@ -115,6 +165,16 @@ class ConvBlock(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
+    def forward_nhwc(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same block on B H W C features; ``mask`` is B H W 1."""
+        y = _pointwise_nhwc(self.conv1, _layer_norm_nhwc(self.norm1, x))
+        if mask is not None:
+            y = y * mask
+        x = x + self.drop_path(_pointwise_nhwc(self.conv2, _conv_nhwc(self.attn, y)))
+        y = _pointwise_nhwc(self.mlp.fc1, _layer_norm_nhwc(self.norm2, x))
+        x = x + self.drop_path(_pointwise_nhwc(self.mlp.fc2, self.mlp.act(y)))
+        return x
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with optional ViTDet decomposed relative position.
@@ -153,30 +213,77 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """x: (B, N, C) tokens; ``hw`` is the (H, W) grid they form (needed for rel pos)."""
-        B, N, C = x.shape
+        return self.proj(self.attend_qkv(self.qkv(x), hw))
+
+    def attend_qkv(self, qkv: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The attention between the projections: (B, N, 3C) qkv -> (B, N, C), before ``proj``."""
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        if self.use_rel_pos and (hw is None or hw[0] * hw[1] != N):
+            raise ValueError(f"relative position needs the token grid: got hw={hw} for {N} tokens")
         # B N 3C -> B N 3 heads d -> 3 B heads N d
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = None
-        if self.use_rel_pos:
-            if hw is None or hw[0] * hw[1] != N:
-                raise ValueError(f"relative position needs the token grid: got hw={hw} for {N} tokens")
-            rel_h, rel_w = decomposed_rel_pos(
-                q.reshape(B * self.num_heads, N, self.head_dim), self.rel_pos_h, self.rel_pos_w, hw
-            )
-            H, W = hw
-            # (B heads) H W H, (B heads) H W W -> B heads N N additive logit bias
-            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, self.num_heads, N, N)
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_impl == "sdpa":
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype) if bias is not None else None)
+            if self.use_rel_pos:
+                x = self._sdpa_rel_pos(q, k, v, hw)
+            else:
+                x = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
+            if self.use_rel_pos:
+                attn = attn + self._rel_pos_bias(q, hw)
             x = attn.softmax(dim=-1) @ v
         # B heads N d -> B N heads d -> B N C
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+        return x.transpose(1, 2).reshape(B, N, C)
+
+    def _rel_pos_terms(self, q: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q: B heads N d -> rel_h (B heads N H), rel_w (B heads N W)."""
+        B, nh, N, d = q.shape
+        rel_h, rel_w = decomposed_rel_pos(q.reshape(B * nh, N, d), self.rel_pos_h, self.rel_pos_w, hw)
+        return rel_h.reshape(B, nh, N, hw[0]), rel_w.reshape(B, nh, N, hw[1])
+
+    def _rel_pos_bias(self, q: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """The explicit B heads N N logit bias of the official code."""
+        rel_h, rel_w = self._rel_pos_terms(q, hw)
+        B, nh, N, _ = q.shape
+        H, W = hw
+        return (rel_h.view(B, nh, H, W, H)[..., :, None] + rel_w.view(B, nh, H, W, W)[..., None, :]).reshape(
+            B, nh, N, N
+        )
+
+    def _sdpa_rel_pos(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Fused attention with the decomposed relative position and no N x N tensor.
+
+        The logit of query i and key j at grid rows/columns (ih, iw), (jh, jw) is
+        ``scale * q_i.k_j + rel_h[i, jh] + rel_w[i, jw]``, which is the dot product of
+        ``q'_i = [scale * q_i, rel_h[i, :], rel_w[i, :]]`` and ``k'_j = [k_j, onehot(jh), onehot(jw)]``.
+        Both are zero-padded to a multiple of 8 channels (kernel alignment). CUDA's memory-efficient
+        and cuDNN kernels take a value narrower than the key; the CPU kernel needs equal widths,
+        so there the value is zero-padded too and the padding cut from the output.
+        """
+        B, nh, N, d = q.shape
+        H, W = hw
+        rel_h, rel_w = self._rel_pos_terms(q, hw)
+        extra = H + W
+        pad = -(d + extra) % 8
+        onehot = _grid_onehot(H, W, pad, q.device, q.dtype).expand(B, nh, N, extra + pad)
+        q2 = torch.cat([q * self.scale, rel_h.to(q.dtype), rel_w.to(q.dtype), q.new_zeros(B, nh, N, pad)], dim=-1)
+        k2 = torch.cat([k, onehot], dim=-1)
+        if q.is_cuda:
+            return F.scaled_dot_product_attention(q2, k2, v, scale=1.0)
+        out = F.scaled_dot_product_attention(q2, k2, F.pad(v, (0, extra + pad)), scale=1.0)
+        return out[..., :d]
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_onehot(H: int, W: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H*W, H + W + pad): row n = (i, j) of an H x W grid holds one-hots of i and of j (cached)."""
+    rows = torch.arange(H, device=device).repeat_interleave(W)
+    cols = torch.arange(W, device=device).repeat(H)
+    out = torch.zeros(H * W, H + W + pad, device=device, dtype=dtype)
+    out[torch.arange(H * W, device=device), rows] = 1
+    out[torch.arange(H * W, device=device), H + cols] = 1
+    return out
 
 
 class TransformerBlock(nn.Module):
@@ -218,21 +325,49 @@ class TransformerBlock(nn.Module):
                 raise ValueError("window attention and relative position need a B H W C grid, got B N C tokens")
             return self.attn(x)
         B, H, W, C = x.shape
-        if self.window_size > 0:
-            x, pad_hw = window_partition(x, self.window_size)  # (B nW) ws ws C
-            hw = (self.window_size, self.window_size)
-        else:
-            hw = (H, W)
-        b = x.shape[0]
-        x = self.attn(x.reshape(b, hw[0] * hw[1], C), hw).view(b, hw[0], hw[1], C)
-        if self.window_size > 0:
-            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
-        return x
+        ws = self.window_size
+        if ws == 0:
+            return self.attn(x.reshape(B, H * W, C), (H, W)).view(B, H, W, C)
+        if self.attn.attn_impl == "eager":  # ViTDet: zero-pad the grid, attend in windows, crop
+            x, pad_hw = window_partition(x, ws)  # (B nW) ws ws C
+            x = self.attn(x.reshape(-1, ws * ws, C), (ws, ws)).view(-1, ws, ws, C)
+            return window_unpartition(x, ws, pad_hw, (H, W))
+        # Same function, without projecting the padding: a zero-padded token's qkv is the qkv
+        # bias, so pad the projected grid with the bias; project out only the H x W kept tokens.
+        qkv = self.attn.qkv(x)
+        if H % ws or W % ws:
+            bias = self.attn.qkv.bias
+            qkv = F.pad(qkv - bias, (0, 0, 0, -W % ws, 0, -H % ws)) + bias if bias is not None else F.pad(
+                qkv, (0, 0, 0, -W % ws, 0, -H % ws)
+            )
+        qkv, pad_hw = window_partition(qkv, ws)
+        x = self.attn.attend_qkv(qkv.reshape(-1, ws * ws, 3 * C), (ws, ws)).view(-1, ws, ws, C)
+        return self.attn.proj(window_unpartition(x, ws, pad_hw, (H, W)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attend(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
+
+
+# attention kernels whose outputs activation checkpointing keeps rather than recomputes
+_ATTENTION_OPS = frozenset(
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+)
+
+
+def _keep_attention_outputs():
+    def policy(ctx, op, *args, **kwargs):
+        return cp.CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else cp.CheckpointPolicy.PREFER_RECOMPUTE
+
+    return cp.create_selective_checkpoint_contexts(policy)
 
 
 class ConvViT(nn.Module):
@@ -262,7 +397,7 @@ class ConvViT(nn.Module):
         rel_pos_grid: Optional[Tuple[int, int]] = None,
         pos_embed_trainable: bool = True,
         use_act_checkpoint: bool = False,
-        attn_impl: str = "sdpa",
+        impl: str = "fast",
         out_features: Sequence[str] = ("s4", "s8", "s16", "s32"),
     ):
         """
@@ -278,6 +413,10 @@ class ConvViT(nn.Module):
             rel_pos_grid: (H, W) token grid the global blocks' tables are sized for; defaults
                 to the pretraining grid.
             pos_embed_trainable: False keeps the sin-cos embedding fixed (pretraining).
+            use_act_checkpoint: recompute each block's activations in the backward pass
+                instead of keeping them (training only); the attention kernels' outputs are
+                kept, so the costliest op of the global blocks is not run twice.
+            impl: ``"fast"`` or ``"eager"`` (see the module docstring); same parameters.
         """
         super().__init__()
         if len(embed_dims) != 3 or len(depths) != 3:
@@ -295,6 +434,8 @@ class ConvViT(nn.Module):
         self.num_heads = num_heads
         self.pretrain_img_size = pretrain_img_size
         self.use_act_checkpoint = use_act_checkpoint
+        _check_impl(impl)
+        self.impl = impl
         self._out_features = tuple(out_features)
         d1, d2, d3 = embed_dims
 
@@ -328,7 +469,7 @@ class ConvViT(nn.Module):
                     window_size=window_size if i in window_block_indexes else 0,
                     use_rel_pos=use_rel_pos,
                     rel_pos_size=rel_pos_grid,
-                    attn_impl=attn_impl,
+                    attn_impl="sdpa" if impl == "fast" else "eager",
                 )
                 for i in range(depths[2])
             ]
@@ -354,17 +495,18 @@ class ConvViT(nn.Module):
     def out_feature_strides(self) -> Dict[str, int]:
         return {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 
-    def set_attn_impl(self, attn_impl: str) -> None:
-        """Switch every stage-3 block between the ``"sdpa"`` and ``"eager"`` attention."""
-        if attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
-        for blk in self.blocks3:
-            blk.attn.attn_impl = attn_impl
+    def set_impl(self, impl: str) -> None:
+        """Switch between the ``"fast"`` and ``"eager"`` implementations (same parameters)."""
+        _check_impl(impl)
+        self.impl = impl
+        for blk in self.modules():
+            if isinstance(blk, Attention):
+                blk.attn_impl = "sdpa" if impl == "fast" else "eager"
 
-    def _run(self, blk: nn.Module, *args) -> torch.Tensor:
+    def _run(self, fn: Callable, *args) -> torch.Tensor:
         if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
-            return cp.checkpoint(blk, *args, use_reentrant=False)
-        return blk(*args)
+            return cp.checkpoint(fn, *args, use_reentrant=False, context_fn=_keep_attention_outputs)
+        return fn(*args)
 
     def forward_conv_stages(
         self, x: torch.Tensor, masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -379,18 +521,29 @@ class ConvViT(nn.Module):
         if H % 16 or W % 16:
             raise ValueError(f"ConvViT input {H}x{W}: height and width must be multiples of 16")
         m1, m2 = masks if masks is not None else (None, None)
-        x = self.patch_embed1(x)
-        for blk in self.blocks1:
-            x = self._run(blk, x, m1)
-        s4 = x
-        x = self.patch_embed2(x)
-        for blk in self.blocks2:
-            x = self._run(blk, x, m2)
-        s8 = x
-        x = self.patch_embed3(x)
-        # B C H W -> B H W C (token grid of stage 3)
-        x = self.patch_embed4(x.permute(0, 2, 3, 1))
-        return s4, s8, x
+        if self.impl == "eager":
+            x = self.patch_embed1(x)
+            for blk in self.blocks1:
+                x = self._run(blk, x, m1)
+            s4 = x
+            x = self.patch_embed2(x)
+            for blk in self.blocks2:
+                x = self._run(blk, x, m2)
+            s8 = x
+            x = self.patch_embed3(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
+        else:
+            # channels-last throughout: B H W C tensors, their NCHW views are channels_last
+            m1, m2 = (m.permute(0, 2, 3, 1) if m is not None else None for m in (m1, m2))
+            x = self.patch_embed1.forward_nhwc(x.permute(0, 2, 3, 1))
+            for blk in self.blocks1:
+                x = self._run(blk.forward_nhwc, x, m1)
+            s4 = x.permute(0, 3, 1, 2)
+            x = self.patch_embed2.forward_nhwc(x)
+            for blk in self.blocks2:
+                x = self._run(blk.forward_nhwc, x, m2)
+            s8 = x.permute(0, 3, 1, 2)
+            x = self.patch_embed3.forward_nhwc(x)
+        return s4, s8, self.patch_embed4(x)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         s4, s8, x = self.forward_conv_stages(x)
