@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from convmae_det.pretrain import ConvMAE, convmae_pretrain, patchify, random_masking, upsample_mask
+from convmae_det.pretrain import ConvMAE, complementary_masks, convmae_pretrain, patchify, random_masking, upsample_mask
 from convmae_det.pretrain.data import ImageFolderDataset, list_images
 from convmae_det.pretrain.engine import lr_at_step
 from reference_keys import convmae_base_pretrain_shapes
@@ -30,9 +30,10 @@ def test_masks_have_the_ratio_and_are_shared_by_all_stages():
         assert torch.equal(torch.nn.functional.max_pool2d(up, factor), -torch.nn.functional.max_pool2d(-up, factor))
 
 
-def test_masked_convolution_leaks_nothing():
+@pytest.mark.parametrize("impl", ["fast", "eager"])
+def test_masked_convolution_leaks_nothing(impl):
     torch.manual_seed(0)
-    model = tiny_mae().eval()
+    model = tiny_mae(impl=impl).eval()
     imgs = torch.randn(2, 3, 64, 64)
     mask = random_masking(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(1))
     # change every pixel inside masked 16x16 blocks
@@ -48,6 +49,73 @@ def test_masked_convolution_leaks_nothing():
         assert torch.equal(a4[keep4], b4[keep4]) and torch.equal(a8[keep8], b8[keep8])
         assert not torch.equal(a4, b4)  # the masked positions did change
         assert torch.equal(model.forward_encoder(imgs, mask), model.forward_encoder(other, mask))
+
+
+@pytest.mark.parametrize("impl", ["fast", "eager"])
+def test_sparse_conv_stages_give_the_dense_loss_and_gradients(impl):
+    torch.manual_seed(0)
+    model = tiny_mae(impl=impl)
+    imgs = torch.randn(3, 3, 64, 128)  # a non-square grid: 4 x 8
+    mask = random_masking(3, (4, 8), 0.75, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for sparse in (True, False):
+        model.sparse = sparse
+        model.zero_grad()
+        loss, _, _ = model(imgs, mask=mask)
+        loss.backward()
+        runs[sparse] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(runs[True][0] - runs[False][0]) < 1e-5
+    assert runs[True][1].keys() == runs[False][1].keys()
+    for n, g in runs[False][1].items():
+        assert torch.allclose(runs[True][1][n], g, atol=1e-6, rtol=1e-4), n
+
+
+def _step_gmacs(model, ratio, grid=(14, 14)):
+    from fvcore.nn import FlopCountAnalysis
+
+    class Step(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, imgs, mask):
+            return self.m.forward_decoder(self.m.forward_encoder(imgs, mask), mask, grid)
+
+    mask = random_masking(1, grid, ratio, generator=torch.Generator().manual_seed(0))
+    imgs = torch.randn(1, 3, grid[0] * 16, grid[1] * 16)
+    count = FlopCountAnalysis(Step(model), (imgs, mask))
+    count.unsupported_ops_warnings(False)
+    count.uncalled_modules_warnings(False)
+    return count.total() / 1e9
+
+
+def test_sparse_base_step_costs_under_45_percent_of_the_unmasked_flops():
+    model = convmae_pretrain("base", impl="eager").eval()  # eager: fvcore counts explicit matmuls
+    full = _step_gmacs(model, 0.0)
+    sparse = _step_gmacs(model, 0.75)
+    model.sparse = False
+    dense = _step_gmacs(model, 0.75)
+    assert sparse / full <= 0.45, (sparse, full)
+    assert dense / full > 0.55  # the official dense conv stages, for contrast
+
+
+def test_complementary_masks_are_disjoint_and_cover_the_grid():
+    masks = complementary_masks(2, (4, 4), 4, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (4, 2, 16)
+    visible = 1 - masks
+    assert torch.equal(visible.sum(0), torch.ones(2, 16))  # each position visible in exactly one view
+    assert torch.all(masks.sum(-1) == 12)  # ratio 0.75 in every view
+    with pytest.raises(ValueError, match="num_views"):
+        complementary_masks(1, (3, 3), 4)
+
+
+def test_complementary_step_reconstructs_every_patch():
+    model = tiny_mae()
+    loss, pred, mask = model(torch.randn(2, 3, 64, 64), complementary=4, generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (8, 16, 16 * 16 * 3) and mask.shape == (8, 16)
+    assert torch.all(mask.reshape(4, 2, 16).sum(0) == 3)  # every patch a target in 3 of the 4 views
+    loss.backward()
+    assert torch.isfinite(loss)
 
 
 def test_stage3_sees_only_visible_tokens():
@@ -135,6 +203,17 @@ def test_pretrain_writes_checkpoint_and_grid(image_folder, tmp_path):
     ckpt = torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)
     assert "patch_embed1.proj.weight" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
     assert (tmp_path / "o" / "vis" / "step_000002.png").is_file()
+
+
+def test_pretrain_dense_and_sparse_conv_stages_give_the_same_losses(image_folder, tmp_path):
+    sparse = _pretrain(image_folder, tmp_path / "sparse", "--steps", "2", "--checkpoint-every", "2")
+    dense = _pretrain(image_folder, tmp_path / "dense", "--steps", "2", "--checkpoint-every", "2", "--dense-conv-stages")
+    assert torch.allclose(torch.tensor([r["loss"] for r in sparse]), torch.tensor([r["loss"] for r in dense]), atol=1e-5)
+
+
+def test_pretrain_with_complementary_masks(image_folder, tmp_path):
+    rows = _pretrain(image_folder, tmp_path / "c", "--steps", "2", "--checkpoint-every", "2", "--complementary", "4")
+    assert [r["step"] for r in rows] == [1, 2] and all(0 < r["loss"] < 10 for r in rows)
 
 
 def test_ddp_under_torchrun_with_two_cpu_processes(image_folder, tmp_path):

@@ -32,7 +32,7 @@ import torch.distributed as dist  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from convmae_det.pretrain import convmae_pretrain, random_masking  # noqa: E402
+from convmae_det.pretrain import complementary_masks, convmae_pretrain, random_masking  # noqa: E402
 from convmae_det.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images  # noqa: E402
 from convmae_det.pretrain.engine import (  # noqa: E402
     build_param_groups,
@@ -73,6 +73,11 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast on GPU (auto: bf16 if supported)")
     p.add_argument("--act-checkpoint", action="store_true")
+    p.add_argument("--complementary", type=int, default=0, metavar="K",
+                   help="K > 1: K disjoint masks per image per step (mask ratio 1 - 1/K, FastConvMAE); "
+                        "every patch is a target each step, at K times the per-image cost")
+    p.add_argument("--dense-conv-stages", action="store_true",
+                   help="run stages 1-2 on the full grid as the official code does (same loss, more FLOPs)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
     p.add_argument("--log-every", type=int, default=20)
@@ -127,7 +132,7 @@ def main(argv=None):
     model = convmae_pretrain(
         args.size, img_size=args.img_size, decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
         decoder_num_heads=args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss,
-        drop_path_rate=args.drop_path, use_act_checkpoint=args.act_checkpoint,
+        drop_path_rate=args.drop_path, use_act_checkpoint=args.act_checkpoint, sparse=not args.dense_conv_stages,
     ).to(device)
     optimizer = torch.optim.AdamW(build_param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     amp_dtype = None
@@ -189,7 +194,12 @@ def main(argv=None):
             gen = mask_generator(args.seed, step, micro, rank)
             torch.manual_seed(args.seed * 7_919 + step * 131 + micro)  # drop path, resumable
             grid = (args.img_size // 16, args.img_size // 16)
-            mask = random_masking(imgs.shape[0], grid, args.mask_ratio, generator=gen).to(device)
+            if args.complementary > 1:
+                views = complementary_masks(imgs.shape[0], grid, args.complementary, generator=gen)
+                mask = views.reshape(-1, views.shape[-1]).to(device)  # view-major, as imgs.repeat below
+                imgs = imgs.repeat(args.complementary, 1, 1, 1)
+            else:
+                mask = random_masking(imgs.shape[0], grid, args.mask_ratio, generator=gen).to(device)
             sync = micro == args.accum_iter - 1 or world == 1
             ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
             with ctx, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -198,7 +208,7 @@ def main(argv=None):
                 raise SystemExit(f"loss is {loss.item()} at step {step}: stopping (lower the lr or use --amp bf16)")
             scaler.scale(loss / args.accum_iter).backward()
             loss_sum += loss.item() / args.accum_iter
-            imgs_seen += imgs.shape[0] * world
+            imgs_seen += imgs.shape[0] // max(args.complementary, 1) * world
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

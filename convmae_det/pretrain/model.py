@@ -14,10 +14,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modeling.convvit import ConvViT, TransformerBlock, convvit_kwargs
+from ..modeling.convvit import (
+    ConvViT,
+    TransformerBlock,
+    _conv_nhwc,
+    _layer_norm_nhwc,
+    _pointwise_nhwc,
+    convvit_kwargs,
+)
 from ..modeling.layers import get_2d_sincos_pos_embed, resample_abs_pos
 
-__all__ = ["ConvMAE", "random_masking", "upsample_mask", "patchify", "unpatchify", "convmae_pretrain"]
+__all__ = [
+    "ConvMAE",
+    "random_masking",
+    "complementary_masks",
+    "upsample_mask",
+    "patchify",
+    "unpatchify",
+    "convmae_pretrain",
+]
 
 
 def random_masking(
@@ -34,6 +49,40 @@ def random_masking(
     mask = torch.zeros(batch, L, device=noise.device)
     mask.scatter_(1, ids[:, :num_masked], 1.0)
     return mask.to(device) if device is not None else mask
+
+
+def complementary_masks(
+    batch: int, grid: Tuple[int, int], num_views: int, device=None, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """``num_views`` disjoint visible sets per image that together cover the grid (FastConvMAE).
+
+    Returns (num_views, B, L) masks (1 = masked): view k keeps the k-th of ``num_views`` equal
+    slices of a random permutation of the positions, so its mask ratio is 1 - 1/num_views and
+    every position is visible in exactly one view and a reconstruction target in the others.
+    """
+    L = grid[0] * grid[1]
+    if num_views < 2 or L % num_views:
+        raise ValueError(f"complementary masking needs 2 <= num_views dividing the {L} positions, got {num_views}")
+    noise = torch.rand(batch, L, generator=generator, device=generator.device if generator is not None else device)
+    ids = noise.argsort(dim=1).reshape(batch, num_views, L // num_views)
+    masks = torch.ones(num_views, batch, L, device=noise.device)
+    for k in range(num_views):
+        masks[k].scatter_(1, ids[:, k], 0.0)
+    return masks.to(device) if device is not None else masks
+
+
+def _cells(x: torch.Tensor, p: int) -> torch.Tensor:
+    """B Lv S S C -> B Lv S/p S/p (p p C): the input of a conv with kernel = stride = p, per output
+    cell, in the order of ``weight.permute(0, 2, 3, 1)``."""
+    B, Lv, S, _, C = x.shape
+    x = x.reshape(B, Lv, S // p, p, S // p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, Lv, S // p, S // p, p * p * C)
+
+
+def _strided_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A conv with kernel = stride on patch-major cells B Lv S S C -> B Lv S/p S/p C'."""
+    p = conv.kernel_size[0]
+    return F.linear(_cells(x, p), conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
 
 
 def upsample_mask(mask: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.Tensor:
@@ -78,7 +127,8 @@ class ConvMAE(ConvViT):
         conv_norm_eps: float = 1e-5,
         drop_path_rate: float = 0.0,
         use_act_checkpoint: bool = False,
-        attn_impl: str = "sdpa",
+        impl: str = "fast",
+        sparse: bool = True,
     ):
         super().__init__(
             embed_dims=embed_dims,
@@ -90,13 +140,14 @@ class ConvMAE(ConvViT):
             conv_norm_eps=conv_norm_eps,
             pos_embed_trainable=False,
             use_act_checkpoint=use_act_checkpoint,
-            attn_impl=attn_impl,
+            impl=impl,
             out_features=("s16",),
         )
         d1, d2, d3 = self.embed_dims
         self.img_size = img_size
         self.patch_size = 16
         self.norm_pix_loss = norm_pix_loss
+        self.sparse = sparse
         self.norm = nn.LayerNorm(d3, eps=1e-6)
         self.stage1_output_decode = nn.Conv2d(d1, d3, 4, stride=4)
         self.stage2_output_decode = nn.Conv2d(d2, d3, 2, stride=2)
@@ -111,7 +162,8 @@ class ConvMAE(ConvViT):
             [
                 TransformerBlock(
                     decoder_embed_dim, decoder_num_heads, mlp_ratio,
-                    norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), attn_impl=attn_impl,
+                    norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6),
+                    attn_impl="sdpa" if impl == "fast" else "eager",
                 )
                 for _ in range(decoder_depth)
             ]
@@ -131,9 +183,13 @@ class ConvMAE(ConvViT):
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs: B 3 H W; mask: (B, L) with 1 = masked, the same count per image.
 
-        Stages 1-2 run on the full grid with masked convolution; stage 3 runs on the visible
-        tokens only (B, L_vis, C3); the stage-1/2 features are fused at the visible positions.
-        Returns the normalised visible tokens (B, L_vis, C3), in ascending position order.
+        Returns the normalised visible tokens (B, L_vis, C3), in ascending position order: stage 3
+        on the visible tokens only, fused with the stage-1/2 features at the visible positions.
+        Stages 1-2 run either on the full grid with masked convolution (``sparse=False``, the
+        official computation) or only at the visible positions (``sparse=True``, the default):
+        with masked convolution no masked position ever reaches a visible output, so only the
+        depthwise conv needs the grid (zeros at masked positions) and every other op runs on
+        the visible cells. Both give the same result.
         """
         grid = self.grid_of(imgs)
         B, L = mask.shape
@@ -142,10 +198,19 @@ class ConvMAE(ConvViT):
         num_vis = (mask == 0).sum(1)
         if not torch.all(num_vis == num_vis[0]):
             raise ValueError(f"every image must keep the same number of visible tokens, got {num_vis.tolist()}")
+        ids_keep = torch.nonzero(mask == 0)[:, 1].reshape(B, -1)  # ascending visible positions
+        if self.sparse:
+            s4, s8, x = self._conv_stages_sparse(imgs, ids_keep, grid)
+            x = x + resample_abs_pos(self.pos_embed, grid).reshape(1, L, -1)[0][ids_keep]
+            for blk in self.blocks3:
+                x = self._run(blk, x)
+            fused1 = _strided_linear(self.stage1_output_decode, s4).flatten(2)  # B Lv C3
+            fused2 = _strided_linear(self.stage2_output_decode, s8).flatten(2)
+            return self.norm(x + fused1 + fused2)
+
         visible = 1.0 - mask.to(imgs.dtype)
         s4, s8, x = self.forward_conv_stages(imgs, (upsample_mask(visible, grid, 4), upsample_mask(visible, grid, 2)))
         x = x + resample_abs_pos(self.pos_embed, grid)  # B h w C
-        ids_keep = torch.nonzero(mask == 0)[:, 1].reshape(B, -1)  # ascending visible positions
 
         def gather(t):  # B L C -> B L_vis C
             return torch.gather(t, 1, ids_keep[..., None].expand(-1, -1, t.shape[-1]))
@@ -157,6 +222,46 @@ class ConvMAE(ConvViT):
         fused1 = gather(self.stage1_output_decode(s4).flatten(2).transpose(1, 2))
         fused2 = gather(self.stage2_output_decode(s8).flatten(2).transpose(1, 2))
         return self.norm(x + fused1 + fused2)
+
+    def _conv_stages_sparse(self, imgs: torch.Tensor, ids_keep: torch.Tensor, grid: Tuple[int, int]):
+        """Stages 1-2 at the visible 16x16 patches only, patch-major: B Lv S S C with S = 4
+        cells per patch side in stage 1, 2 in stage 2. Returns (s4, s8, stage-3 tokens B Lv C3)."""
+        B, Lv = ids_keep.shape
+        h, w = grid
+        batch = torch.arange(B, device=imgs.device)[:, None]
+
+        def to_grid(y: torch.Tensor) -> torch.Tensor:  # B Lv S S C -> B hS wS C, zeros where masked
+            S, C = y.shape[2], y.shape[-1]
+            full = y.new_zeros(B, h * w, S, S, C).index_put((batch, ids_keep), y)
+            return full.reshape(B, h, w, S, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * S, w * S, C)
+
+        def from_grid(y: torch.Tensor, S: int) -> torch.Tensor:  # B hS wS C -> B Lv S S C
+            C = y.shape[-1]
+            y = y.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * w, S, S, C)
+            return y[batch, ids_keep]
+
+        def block(blk, x):
+            y = _pointwise_nhwc(blk.conv1, _layer_norm_nhwc(blk.norm1, x))
+            y = from_grid(_conv_nhwc(blk.attn, to_grid(y)), x.shape[2])  # the only op that needs the grid
+            x = x + blk.drop_path(_pointwise_nhwc(blk.conv2, y))
+            y = _pointwise_nhwc(blk.mlp.fc1, _layer_norm_nhwc(blk.norm2, x))
+            return x + blk.drop_path(_pointwise_nhwc(blk.mlp.fc2, blk.mlp.act(y)))
+
+        def embed(pe, x):
+            return pe.act(_layer_norm_nhwc(pe.norm, _strided_linear(pe.proj, x)))
+
+        # B 3 H W -> B h 16 w 16 3 -> B L 16 16 3 -> visible patches
+        pixels = imgs.permute(0, 2, 3, 1).reshape(B, h, 16, w, 16, 3).permute(0, 1, 3, 2, 4, 5)
+        x = embed(self.patch_embed1, pixels.reshape(B, h * w, 16, 16, 3)[batch, ids_keep])
+        for blk in self.blocks1:
+            x = self._run(block, blk, x)
+        s4 = x
+        x = embed(self.patch_embed2, x)
+        for blk in self.blocks2:
+            x = self._run(block, blk, x)
+        s8 = x
+        x = embed(self.patch_embed3, x).reshape(B, Lv, -1)
+        return s4, s8, self.patch_embed4(x)
 
     def forward_decoder(self, x: torch.Tensor, mask: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """x: (B, L_vis, C3) visible tokens; returns per-patch pixel predictions (B, L, 16*16*3)."""
@@ -186,11 +291,24 @@ class ConvMAE(ConvViT):
         mask: Optional[torch.Tensor] = None,
         mask_ratio: float = 0.75,
         generator: Optional[torch.Generator] = None,
+        complementary: int = 0,
     ):
         """imgs: B 3 H W (normalised). ``mask`` (B, L, 1 = masked) or drawn with ``mask_ratio``.
-        Returns (loss, pred (B, L, 768), mask (B, L))."""
+
+        ``complementary`` = K > 1 draws K disjoint masks per image instead (ratio 1 - 1/K, see
+        :func:`complementary_masks`) and reconstructs all K views in this step; the batch the
+        encoder and decoder see is then K * B, view-major.
+        Returns (loss, pred (B', L, 768), mask (B', L)) with B' = B or K * B.
+        """
         grid = self.grid_of(imgs)
-        if mask is None:
+        if complementary > 1:
+            if mask is not None:
+                raise ValueError("pass either an explicit mask or complementary=K, not both")
+            B = imgs.shape[0]
+            mask = complementary_masks(B, grid, complementary, device=imgs.device, generator=generator)
+            mask = mask.reshape(complementary * B, -1)
+            imgs = imgs.repeat(complementary, 1, 1, 1)
+        elif mask is None:
             mask = random_masking(imgs.shape[0], grid, mask_ratio, device=imgs.device, generator=generator)
         mask = mask.to(imgs.device, torch.float32)
         if mask.sum() == 0:
