@@ -363,9 +363,22 @@ _ATTENTION_OPS = frozenset(
 )
 
 
+def _is_qkv_projection(op, args) -> bool:
+    """addmm(bias, x, weight.t()) of a d -> 3d projection: the qkv of an attention block."""
+    if op is not torch.ops.aten.addmm.default or len(args) < 3 or args[2].dim() != 2:
+        return False
+    return args[2].shape[1] == 3 * args[2].shape[0]
+
+
 def _keep_attention_outputs():
+    """Selective checkpointing: recompute everything in the backward pass except the attention
+    kernels and the qkv projections, whose outputs are kept. The forward is then re-run without
+    a quarter of the stage-3 matmuls and without attention, the costliest op of global blocks."""
+
     def policy(ctx, op, *args, **kwargs):
-        return cp.CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else cp.CheckpointPolicy.PREFER_RECOMPUTE
+        if op in _ATTENTION_OPS or _is_qkv_projection(op, args):
+            return cp.CheckpointPolicy.MUST_SAVE
+        return cp.CheckpointPolicy.PREFER_RECOMPUTE
 
     return cp.create_selective_checkpoint_contexts(policy)
 
@@ -414,8 +427,8 @@ class ConvViT(nn.Module):
                 to the pretraining grid.
             pos_embed_trainable: False keeps the sin-cos embedding fixed (pretraining).
             use_act_checkpoint: recompute each block's activations in the backward pass
-                instead of keeping them (training only); the attention kernels' outputs are
-                kept, so the costliest op of the global blocks is not run twice.
+                instead of keeping them (training only); the outputs of the attention kernels
+                and of the qkv projections are kept, so those are not run twice.
             impl: ``"fast"`` or ``"eager"`` (see the module docstring); same parameters.
         """
         super().__init__()

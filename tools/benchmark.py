@@ -1,0 +1,495 @@
+#!/usr/bin/env python
+"""Speed and memory of the fast path against the official code's eager computation.
+
+One process, one run: every row is timed (median of --repeats runs after --warmup) and its
+peak memory recorded, for the fast and the eager implementation, fp32 and (GPU) bf16 autocast,
+with and without activation checkpointing:
+
+  backbone fwd / fwd+bwd   ConvMAE-Base encoder + simple feature pyramid (COCO config)
+  maskrcnn train iter      the whole Mask R-CNN: forward, backward, AdamW step (data on device)
+  pretrain step            ConvMAE-Base MAE at 224, mask ratio 0.75: sparse (fast) vs the dense
+                           conv stages with explicit attention (eager); complementary masking
+
+On the CPU (2 cores here) the matrix is trimmed to fit 10 minutes: activation checkpointing
+only for the fast backbone, no checkpointed Mask R-CNN rows, no checkpointed pretraining row.
+
+Prints a table, the checks the project promises (output equality, speed-up, checkpointing's
+memory cut, pretraining FLOPs), and writes everything as JSON.
+
+  python tools/benchmark.py --device cpu          # 512x512, batch 1 (fits 10 minutes on 2 cores)
+  python tools/benchmark.py --device cuda         # 1024x1024, batch 2, plus the card's bf16 matmul peak
+
+FLOPs are counted by fvcore on the eager path (fvcore sees explicit matmuls, not fused kernels)
+and are reported as GMACs per image for the forward pass (fvcore's unit); achieved TFLOP/s
+counts 2 FLOPs per MAC and a backward pass as twice the forward. CPU peak memory is the
+process's resident-set high-water mark during the row (reset through /proc/self/clear_refs)
+over the resident set before it, plus the weights; GPU peak memory is
+torch.cuda.max_memory_allocated.
+"""
+import argparse
+import ctypes
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from convmae_det.utils.flops import gmacs as count_gmacs, pretrain_step_gmacs  # noqa: E402
+
+BACKBONE_CONFIG = "configs/COCO/mask_rcnn_convmae_base_25ep.yaml"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--img-size", type=int, default=None, help="backbone and Mask R-CNN input (default 1024 GPU, 512 CPU)")
+    p.add_argument("--batch", type=int, default=None, help="images per backbone / Mask R-CNN row (default 2 GPU, 1 CPU)")
+    p.add_argument("--pretrain-batch", type=int, default=None, help="images per pretraining step (default 128 GPU, 4 CPU)")
+    p.add_argument("--pretrain-img-size", type=int, default=224, help="pretraining image size (multiple of 16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 2 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 3 GPU, 1 CPU)")
+    p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"], help="encoder size (Base is the target)")
+    p.add_argument("--rows", default="backbone,maskrcnn,pretrain", help="comma-separated subset of backbone,maskrcnn,pretrain")
+    p.add_argument("--output", default=None, help="JSON file (default output/benchmark/<device>.json)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the detection config")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 2), ("warmup", 3, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, g if gpu else c)
+    if args.img_size % 32:
+        p.error(f"--img-size {args.img_size}: must be a multiple of 32 (the stride-32 pyramid level)")
+    if args.pretrain_img_size % 16:
+        p.error(f"--pretrain-img-size {args.pretrain_img_size}: must be a multiple of 16 (the patch size)")
+    unknown = set(args.rows.split(",")) - {"backbone", "maskrcnn", "pretrain"}
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}")
+    args.output = args.output or os.path.join("output", "benchmark", f"{args.device}.json")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ memory
+class PeakMemory:
+    """Peak memory of a block of work: CUDA allocator statistics, or the CPU process's RSS
+    high-water mark (Linux). On the CPU, glibc is told to serve every allocation above 128 KiB
+    by mmap and to give freed memory back at once, so that the RSS follows live tensors."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cpu":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed (no dynamic growth)
+                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            except OSError:
+                pass
+            self.available = os.path.exists("/proc/self/clear_refs")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field} not in /proc/self/status")
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = 0
+        elif self.available:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.base = self._status("VmRSS")
+
+    def stop(self, resident_bytes: int) -> Optional[float]:
+        """GiB at the peak; ``resident_bytes`` (weights, ...) is added on the CPU, where the RSS
+        already held them before the row started."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**30
+        if not self.available:
+            return None
+        return (self._status("VmHWM") - self.base + resident_bytes) / 2**30
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, mem: PeakMemory, resident: int):
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    mem.start()
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times, mem.stop(resident)
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def matmul_peak_tflops(device: torch.device) -> Optional[float]:
+    """Measured bf16 matmul throughput of the card (8192^3, median of 20)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times) / 1e12
+
+
+# ------------------------------------------------------------------------------------------ builders
+def detection_cfg(args, act_ckpt: bool):
+    from convmae_det.engine import setup_cfg
+
+    img_size = args.img_size
+    return setup_cfg(
+        BACKBONE_CONFIG,
+        ["MODEL.CONVMAE.SIZE", args.size, *args.opts,
+         "MODEL.CONVMAE.SQUARE_PAD", str(img_size), "INPUT.LSJ.IMAGE_SIZE", str(img_size),
+         "INPUT.MIN_SIZE_TEST", str(img_size), "INPUT.MAX_SIZE_TEST", str(img_size), "MODEL.CONVMAE.USE_ACT_CHECKPOINT", str(act_ckpt),
+         "MODEL.CONVMAE.DROP_PATH_RATE", "0.0", "MODEL.DEVICE", "cpu"],
+    )
+
+
+def build_backbone(args, device: torch.device):
+    from detectron2.layers import ShapeSpec
+
+    from convmae_det.modeling.backbone import build_convmae_sfp_backbone
+
+    torch.manual_seed(0)
+    return build_convmae_sfp_backbone(detection_cfg(args, False), ShapeSpec(channels=3)).to(device)
+
+
+def set_impl(model: torch.nn.Module, impl: str, act_ckpt: bool) -> None:
+    from convmae_det.modeling import ConvViT
+
+    for m in model.modules():
+        if isinstance(m, ConvViT):
+            m.set_impl(impl)
+            m.use_act_checkpoint = act_ckpt
+
+
+def synthetic_instances(img_size: int, device: torch.device, num: int = 6, seed: int = 0):
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num, 2, generator=g) * img_size * 0.7
+    wh = img_size * (0.08 + 0.2 * torch.rand(num, 2, generator=g))
+    boxes = torch.cat([xy, (xy + wh).clamp(max=img_size - 1)], dim=1)
+    masks = torch.zeros(num, img_size, img_size, dtype=torch.bool)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+        masks[i, y0:y1, x0:x1] = True
+    inst = Instances((img_size, img_size))
+    inst.gt_boxes = Boxes(boxes)
+    inst.gt_classes = torch.randint(0, 80, (num,), generator=g)
+    inst.gt_masks = BitMasks(masks)
+    return inst.to(device)
+
+
+# ------------------------------------------------------------------------------------------ rows
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.mem = PeakMemory(self.device)
+        self.rows: List[Dict] = []
+        self.checks: Dict[str, object] = {}
+        self.dtypes = ["fp32", "bf16"] if self.device.type == "cuda" else ["fp32"]
+        self.peak = matmul_peak_tflops(self.device)
+        self.full_matrix = self.device.type == "cuda"  # the CPU run is trimmed to fit 10 minutes
+
+    def autocast(self, dtype: str):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+    def record(self, name: str, impl: str, dtype: str, act_ckpt: bool, batch: int, fn, resident: int,
+               gmacs: Optional[float] = None, passes: int = 1, extra: Optional[dict] = None) -> Dict:
+        times, peak = time_runs(fn, self.device, self.args.warmup, self.args.repeats, self.mem, resident)
+        t = statistics.median(times)
+        row = dict(name=name, impl=impl, dtype=dtype, act_ckpt=act_ckpt, batch=batch, median_s=t,
+                   times_s=times, peak_gib=peak, images_per_s=batch / t, gmacs_fwd_per_image=gmacs)
+        if gmacs is not None:
+            row["tflops"] = 2 * gmacs * 1e9 * passes * batch / t / 1e12
+            if self.peak:
+                row["fraction_of_bf16_peak"] = row["tflops"] / self.peak
+        row.update(extra or {})
+        self.rows.append(row)
+        print(f"  {name:<22} {impl:<6} {dtype:<5} ckpt={'on ' if act_ckpt else 'off'} {t * 1e3:9.1f} ms"
+              f"  peak {peak if peak is None else round(peak, 2)} GiB", flush=True)
+        return row
+
+    def backbone(self):
+        a = self.args
+        net = build_backbone(a, self.device)
+        x = torch.randn(a.batch, 3, a.img_size, a.img_size, device=self.device)
+        resident = param_bytes(net)
+        set_impl(net, "eager", False)
+        net.eval()
+        gmacs = count_gmacs(net, (x[:1],))
+        # the same function: outputs and gradients of the two paths on the same input (fp32)
+        with torch.no_grad():
+            outs = {}
+            for impl in ("fast", "eager"):
+                set_impl(net, impl, False)
+                outs[impl] = net(x)
+        self.checks["backbone_fast_vs_eager_max_abs_diff"] = max(
+            (outs["fast"][k] - outs["eager"][k]).abs().max().item() for k in outs["fast"]
+        )
+        del outs
+        net.train()
+        for dtype in self.dtypes:
+            for impl in ("fast", "eager"):
+                set_impl(net, impl, False)
+
+                def fwd():
+                    with torch.no_grad(), self.autocast(dtype):
+                        net(x)
+
+                self.record("backbone fwd", impl, dtype, False, a.batch, fwd, resident, gmacs, 1)
+            for act_ckpt in (False, True):
+                for impl in ("fast", "eager") if self.full_matrix or not act_ckpt else ("fast",):
+                    set_impl(net, impl, act_ckpt)
+
+                    def fwd_bwd():
+                        net.zero_grad(set_to_none=True)
+                        with self.autocast(dtype):
+                            out = net(x)
+                        sum(v.float().square().mean() for v in out.values()).backward()
+
+                    self.record("backbone fwd+bwd", impl, dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
+                    net.zero_grad(set_to_none=True)
+        del net
+
+    def maskrcnn(self):
+        from detectron2.modeling import build_model
+        from detectron2.utils.events import EventStorage
+
+        a = self.args
+        for act_ckpt in (False, True) if self.full_matrix else (False,):
+            cfg = detection_cfg(a, act_ckpt)
+            cfg.defrost()
+            cfg.MODEL.DEVICE = a.device
+            torch.manual_seed(0)
+            model = build_model(cfg).train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            batch = [
+                {"image": torch.randint(0, 255, (3, a.img_size, a.img_size), device=self.device).float(),
+                 "instances": synthetic_instances(a.img_size, self.device, seed=i), "height": a.img_size, "width": a.img_size}
+                for i in range(a.batch)
+            ]
+            resident = param_bytes(model) * 3  # weights + AdamW's two moments (the grads are in the peak)
+            for dtype in self.dtypes:
+                for impl in ("fast", "eager"):
+                    set_impl(model, impl, act_ckpt)
+
+                    def step():
+                        torch.manual_seed(0)  # the same proposal sampling in every run
+                        with EventStorage(0), self.autocast(dtype):
+                            losses = model(batch)
+                        loss = sum(losses.values())
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+
+                    if self.args.warmup == 0:
+                        step()  # the optimizer state must exist before memory is measured
+                    self.record("maskrcnn train iter", impl, dtype, act_ckpt, a.batch, step, resident)
+            del model, opt
+
+    def pretrain(self):
+        from convmae_det.pretrain import convmae_pretrain, random_masking
+
+        a = self.args
+        torch.manual_seed(0)
+        model = convmae_pretrain(a.size, img_size=a.pretrain_img_size).to(self.device)
+        grid = (a.pretrain_img_size // 16, a.pretrain_img_size // 16)
+        B = a.pretrain_batch
+        imgs = torch.randn(B, 3, a.pretrain_img_size, a.pretrain_img_size, device=self.device)
+        mask = random_masking(B, grid, 0.75, generator=torch.Generator().manual_seed(0)).to(self.device)
+        resident = param_bytes(model)
+
+        # FLOPs of one image's step: ratio 0.75 sparse and dense against ratio 0 (nothing masked)
+        model.eval()
+        model.set_impl("eager")
+        one = imgs[:1]
+        n_loss = min(B, 8)
+        model.sparse = True
+        full = pretrain_step_gmacs(model, one, torch.zeros_like(mask[:1]))
+        sparse = pretrain_step_gmacs(model, one, mask[:1])
+        model.sparse = False
+        dense = pretrain_step_gmacs(model, one, mask[:1])
+        losses = {}
+        with torch.no_grad():
+            for sparse_mode in (True, False):  # this project's step against the official computation
+                model.sparse = sparse_mode
+                model.set_impl("fast" if sparse_mode else "eager")
+                losses[sparse_mode] = model(imgs[:n_loss], mask=mask[:n_loss])[0].item()
+        self.checks.update(
+            pretrain_gmacs_ratio0=full, pretrain_gmacs_sparse=sparse, pretrain_gmacs_dense=dense,
+            pretrain_sparse_flops_fraction=sparse / full, pretrain_dense_flops_fraction=dense / full,
+            pretrain_sparse_vs_dense_loss_abs_diff=abs(losses[True] - losses[False]),
+        )
+        model.train()
+        masked = int(mask[0].sum())
+        for dtype in self.dtypes:
+            variants = [("fast", True, False), ("eager", False, False)] + ([("fast", True, True)] if self.full_matrix else [])
+            for impl, sparse_mode, ckpt in variants:
+                model.set_impl(impl)
+                model.sparse = sparse_mode
+                model.use_act_checkpoint = ckpt
+
+                def step():
+                    model.zero_grad(set_to_none=True)
+                    with self.autocast(dtype):
+                        loss = model(imgs, mask=mask)[0]
+                    loss.backward()
+
+                self.record("pretrain step", impl, dtype, ckpt, B, step, resident,
+                            sparse if sparse_mode else dense, 3,
+                            dict(targets_per_s=None, conv_stages="sparse" if sparse_mode else "dense"))
+                self.rows[-1]["targets_per_s"] = B * masked / self.rows[-1]["median_s"]
+            # complementary masking: 4 disjoint views of B/4 images, the same encoder batch
+            model.set_impl("fast")
+            model.sparse, model.use_act_checkpoint = True, False
+            k = 4
+            sub = imgs[: max(B // k, 1)]
+
+            def comp_step():
+                model.zero_grad(set_to_none=True)
+                with self.autocast(dtype):
+                    loss = model(sub, complementary=k, generator=torch.Generator().manual_seed(0))[0]
+                loss.backward()
+
+            row = self.record("pretrain complementary", "fast", dtype, False, sub.shape[0], comp_step, resident,
+                              sparse * k, 3, dict(conv_stages="sparse", views=k))
+            row["targets_per_s"] = sub.shape[0] * k * masked / row["median_s"]
+        del model
+
+    def ratios(self):
+        """fast / eager speed-up per row, matched on name, dtype and checkpointing."""
+        index = {(r["name"], r["dtype"], r["act_ckpt"], r["impl"]): r for r in self.rows}
+        for r in self.rows:
+            if r["impl"] == "fast":
+                e = index.get((r["name"], r["dtype"], r["act_ckpt"], "eager"))
+                r["speedup_vs_eager"] = e["median_s"] / r["median_s"] if e else None
+        for dtype in self.dtypes:
+            f = index.get(("backbone fwd+bwd", dtype, False, "fast"))
+            c = index.get(("backbone fwd+bwd", dtype, True, "fast"))
+            if f and c:
+                self.checks[f"backbone_fwd_bwd_speedup_{dtype}"] = f["speedup_vs_eager"]
+                self.checks[f"act_ckpt_time_overhead_{dtype}"] = c["median_s"] / f["median_s"] - 1
+                if f["peak_gib"] and c["peak_gib"]:
+                    self.checks[f"act_ckpt_memory_cut_{dtype}"] = 1 - c["peak_gib"] / f["peak_gib"]
+
+
+def print_table(rows: List[Dict]) -> None:
+    head = f"{'row':<24}{'impl':<7}{'dtype':<6}{'ckpt':<6}{'batch':>6}{'ms':>10}{'img/s':>9}{'peak GiB':>10}{'GMAC/img':>10}{'TFLOP/s':>9}{'%peak':>7}{'x eager':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else format("-", spec[0] + spec[1:].split(".")[0])
+
+        print(f"{r['name']:<24}{r['impl']:<7}{r['dtype']:<6}{'on' if r['act_ckpt'] else 'off':<6}{r['batch']:>6}"
+              f"{r['median_s'] * 1e3:>10.1f}{r['images_per_s']:>9.2f}{fmt(r['peak_gib'], '>10.2f')}"
+              f"{fmt(r.get('gmacs_fwd_per_image'), '>10.1f')}{fmt(r.get('tflops'), '>9.3f')}"
+              f"{fmt(r.get('fraction_of_bf16_peak') and 100 * r['fraction_of_bf16_peak'], '>7.1f')}"
+              f"{fmt(r.get('speedup_vs_eager'), '>9.2f')}")
+
+
+def machine() -> Dict:
+    info = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    logging.getLogger("detectron2").setLevel(logging.WARNING)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are fp32
+    torch.backends.cudnn.allow_tf32 = False
+    t0 = time.time()
+    bench = Bench(args)
+    info = machine()
+    print(f"benchmark on {info.get('gpu') or info.get('cpu')} (torch {info['torch']}, {info['threads']} threads): "
+          f"{args.img_size}px batch {args.batch}, pretraining {args.pretrain_img_size}px batch {args.pretrain_batch}, "
+          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    if bench.peak:
+        print(f"measured bf16 matmul peak: {bench.peak:.1f} TFLOP/s")
+    rows = args.rows.split(",")
+    for part in ("backbone", "maskrcnn", "pretrain"):
+        if part in rows:
+            print(f"[{part}]", flush=True)
+            getattr(bench, part)()
+    bench.ratios()
+    print()
+    print_table(bench.rows)
+    print()
+    targets = {
+        "backbone_fast_vs_eager_max_abs_diff": ("<=", 1e-4),
+        "backbone_fwd_bwd_speedup_fp32": (">=", 1.2 if args.device == "cpu" else None),
+        "backbone_fwd_bwd_speedup_bf16": (">=", 1.5),
+        "act_ckpt_memory_cut_fp32": (">=", 0.4),
+        "act_ckpt_memory_cut_bf16": (">=", 0.4),
+        "act_ckpt_time_overhead_fp32": ("<=", 0.3),
+        "act_ckpt_time_overhead_bf16": ("<=", 0.3),
+        "pretrain_sparse_flops_fraction": ("<=", 0.45),
+        "pretrain_sparse_vs_dense_loss_abs_diff": ("<=", 1e-5),
+    }
+    verdicts = {}
+    for k, v in bench.checks.items():
+        line = f"{k:<45} {v:.4g}" if isinstance(v, float) else f"{k:<45} {v}"
+        op, target = targets.get(k, (None, None))
+        if target is not None and isinstance(v, float):
+            ok = v <= target if op == "<=" else v >= target
+            line += f"   target {op} {target}: {'met' if ok else 'NOT met'}"
+            verdicts[k] = dict(op=op, target=target, met=ok)
+        print(line)
+    elapsed = time.time() - t0
+    print(f"total {elapsed:.0f} s")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    result = dict(machine=info, args=vars(args), bf16_matmul_peak_tflops=bench.peak, rows=bench.rows,
+                  checks=bench.checks, targets=verdicts, seconds=elapsed)
+    tmp = args.output + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
