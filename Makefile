@@ -1,4 +1,5 @@
-# Two commands: `make demo` (train + evaluate on the built-in dataset) and `make test`.
+# Two commands: `make demo` (pretrain -> convert -> finetune -> evaluate on the built-in dataset)
+# and `make test`; `make demo-scratch` is the same finetune from random initialisation.
 # Both create or reuse a virtual environment in $(VENV) with everything installed.
 #   make test VENV_FLAGS=--system-site-packages   reuse a detectron2 you built yourself
 #   make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"   another torch
@@ -11,10 +12,11 @@ STAMP := $(VENV)/.convmae-det-installed
 SCRATCH_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes.yaml
 FINETUNE_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes_pretrained.yaml
 DEMO_OUT ?= output/demo
-PRETRAIN_STEPS ?= 240
+PRETRAIN_STEPS ?= 480
+PRETRAIN_LR ?= 5e-4
 export DETECTRON2_DATASETS ?= datasets
 
-.PHONY: setup demo demo-pretrain test clean
+.PHONY: setup demo demo-scratch test clean
 
 setup: $(STAMP)
 
@@ -27,21 +29,21 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 	$(PY) -c "import convmae_det, detectron2; print('convmae-det ready with detectron2', detectron2.__version__)"
 	touch $(STAMP)
 
-# train a tiny ConvMAE Mask R-CNN (random init) on the built-in dataset and evaluate it
+# pretrain a tiny ConvMAE on the built-in training images -> convert -> finetune Mask R-CNN -> evaluate
 demo: setup
-	$(PY) tools/train_net.py --config-file $(SCRATCH_CONFIG) OUTPUT_DIR $(DEMO_OUT)/scratch
-
-# pretrain a tiny ConvMAE on the built-in training images -> convert -> finetune -> evaluate
-demo-pretrain: setup
 	$(PY) tools/make_shapes_dataset.py
 	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/train --output $(DEMO_OUT)/pretrain \
 		--size tiny --img-size 128 --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 \
-		--batch-size 32 --steps $(PRETRAIN_STEPS) --lr 1.5e-3 --warmup-steps 20 --num-workers 1 \
-		--checkpoint-every $(PRETRAIN_STEPS) --log-every 20
+		--batch-size 32 --steps $(PRETRAIN_STEPS) --lr $(PRETRAIN_LR) --warmup-steps 40 --num-workers 1 \
+		--checkpoint-every $(PRETRAIN_STEPS) --log-every 40
 	$(PY) tools/convert_pretrain.py $(DEMO_OUT)/pretrain/checkpoint.pth $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth \
 		--config $(FINETUNE_CONFIG)
 	$(PY) tools/train_net.py --config-file $(FINETUNE_CONFIG) \
 		MODEL.WEIGHTS $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth OUTPUT_DIR $(DEMO_OUT)/finetune
+
+# the same Mask R-CNN finetune and evaluation from random initialisation
+demo-scratch: setup
+	$(PY) tools/train_net.py --config-file $(SCRATCH_CONFIG) OUTPUT_DIR $(DEMO_OUT)/scratch
 
 test: setup
 	$(PY) -m pytest -q tests
