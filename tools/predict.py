@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Draw a trained model's predictions on image files.
 
-  python tools/predict.py --config-file CONFIG --weights output/demo/model_final.pth \
+  python tools/predict.py --config-file CONFIG --weights output/demo/finetune/model_final.pth \
       --input a.jpg b.png --output predictions/ [--score-thresh 0.5] [KEY VALUE ...]
 
 Writes one PNG per input (same stem) with boxes, masks and class names drawn by detectron2's
