@@ -165,12 +165,20 @@ class ConvBlock(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
 
-    def forward_nhwc(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The same block on B H W C features; ``mask`` is B H W 1."""
+    def forward_nhwc(
+        self,
+        x: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        depthwise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """The same block on B H W C features; ``mask`` is B H W 1. ``depthwise`` replaces the
+        call of the depthwise conv, the only op that mixes positions (sparse pretraining runs
+        the block on visible cells and the conv on a zero-filled grid)."""
         y = _pointwise_nhwc(self.conv1, _layer_norm_nhwc(self.norm1, x))
         if mask is not None:
             y = y * mask
-        x = x + self.drop_path(_pointwise_nhwc(self.conv2, _conv_nhwc(self.attn, y)))
+        y = depthwise(y) if depthwise is not None else _conv_nhwc(self.attn, y)
+        x = x + self.drop_path(_pointwise_nhwc(self.conv2, y))
         y = _pointwise_nhwc(self.mlp.fc1, _layer_norm_nhwc(self.norm2, x))
         x = x + self.drop_path(_pointwise_nhwc(self.mlp.fc2, self.mlp.act(y)))
         return x

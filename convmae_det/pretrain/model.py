@@ -14,14 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modeling.convvit import (
-    ConvViT,
-    TransformerBlock,
-    _conv_nhwc,
-    _layer_norm_nhwc,
-    _pointwise_nhwc,
-    convvit_kwargs,
-)
+from ..modeling.convvit import ConvViT, TransformerBlock, _conv_nhwc, convvit_kwargs, patch_linear
 from ..modeling.layers import get_2d_sincos_pos_embed, resample_abs_pos
 
 __all__ = [
@@ -71,18 +64,11 @@ def complementary_masks(
     return masks.to(device) if device is not None else masks
 
 
-def _cells(x: torch.Tensor, p: int) -> torch.Tensor:
-    """B Lv S S C -> B Lv S/p S/p (p p C): the input of a conv with kernel = stride = p, per output
-    cell, in the order of ``weight.permute(0, 2, 3, 1)``."""
-    B, Lv, S, _, C = x.shape
-    x = x.reshape(B, Lv, S // p, p, S // p, p, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(B, Lv, S // p, S // p, p * p * C)
-
-
 def _strided_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A conv with kernel = stride on patch-major cells B Lv S S C -> B Lv S/p S/p C'."""
-    p = conv.kernel_size[0]
-    return F.linear(_cells(x, p), conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
+    B, Lv = x.shape[:2]
+    y = patch_linear(conv, x.flatten(0, 1))
+    return y.reshape(B, Lv, *y.shape[1:])
 
 
 def upsample_mask(mask: torch.Tensor, grid: Tuple[int, int], factor: int) -> torch.Tensor:
@@ -240,15 +226,13 @@ class ConvMAE(ConvViT):
             y = y.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * w, S, S, C)
             return y[batch, ids_keep]
 
-        def block(blk, x):
-            y = _pointwise_nhwc(blk.conv1, _layer_norm_nhwc(blk.norm1, x))
-            y = from_grid(_conv_nhwc(blk.attn, to_grid(y)), x.shape[2])  # the only op that needs the grid
-            x = x + blk.drop_path(_pointwise_nhwc(blk.conv2, y))
-            y = _pointwise_nhwc(blk.mlp.fc1, _layer_norm_nhwc(blk.norm2, x))
-            return x + blk.drop_path(_pointwise_nhwc(blk.mlp.fc2, blk.mlp.act(y)))
+        def block(blk, x):  # only the depthwise conv needs the grid
+            return blk.forward_nhwc(x, depthwise=lambda y: from_grid(_conv_nhwc(blk.attn, to_grid(y)), y.shape[2]))
 
         def embed(pe, x):
-            return pe.act(_layer_norm_nhwc(pe.norm, _strided_linear(pe.proj, x)))
+            B, Lv = x.shape[:2]
+            y = pe.forward_nhwc(x.flatten(0, 1))
+            return y.reshape(B, Lv, *y.shape[1:])
 
         # B 3 H W -> B h 16 w 16 3 -> B L 16 16 3 -> visible patches
         pixels = imgs.permute(0, 2, 3, 1).reshape(B, h, 16, w, 16, 3).permute(0, 1, 3, 2, 4, 5)
