@@ -26,8 +26,11 @@ def add_convmae_config(cfg: CN) -> CN:
     _C.MODEL.CONVMAE.USE_REL_POS = True
     # training image size: global blocks' rel-pos tables are sized for a (size/16) grid
     _C.MODEL.CONVMAE.REL_POS_IMG_SIZE = 1024
-    # recompute block activations in backward (keeps the attention kernels' outputs)
+    # recompute block activations in backward (on the CPU keeping the attention kernels' outputs)
     _C.MODEL.CONVMAE.USE_ACT_CHECKPOINT = False
+    # torch.compile each encoder block (GPU training speed; the first step of each input shape
+    # pays the compilation)
+    _C.MODEL.CONVMAE.COMPILE = False
     # "fast" (fused attention, channels-last conv stages) or "eager" (explicit attention
     # matrices, NCHW conv stages: what the official code computes); same weights, same outputs
     _C.MODEL.CONVMAE.IMPL = "fast"

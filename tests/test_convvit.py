@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_convvit_kwargs
 from convmae_det.modeling import ConvViT, TransformerBlock
-from convmae_det.modeling.layers import get_rel_pos, window_partition, window_unpartition
+from convmae_det.modeling.layers import get_rel_pos, resample_abs_pos, window_partition, window_unpartition
 from reference_keys import convmae_base_encoder_shapes
 
 
@@ -115,6 +115,38 @@ def test_pos_embed_is_resampled_to_the_input_grid():
     # the 64 px pretraining grid is 4x4; a 128x64 input needs 8x4 positions
     out = net(torch.randn(1, 3, 128, 64))
     assert out["s16"].shape[-2:] == (8, 4)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (8, 20), (14, 14)])
+def test_separable_pos_resampling_equals_bicubic_interpolation(hw):
+    pos = torch.randn(1, 14 * 14, 32, requires_grad=True)
+    ref = resample_abs_pos(pos, hw)
+    out = resample_abs_pos(pos, hw, separable=True)
+    assert out.shape == ref.shape == (1, *hw, 32)
+    assert (out - ref).abs().max() < 1e-5
+    w = torch.randn_like(ref)
+    g_ref, = torch.autograd.grad((ref * w).sum(), pos)
+    g_out, = torch.autograd.grad((out * w).sum(), pos)
+    assert (g_out - g_ref).abs().max() < 1e-4
+
+
+def test_compiled_blocks_compute_the_same_as_eager():
+    """torch.compile'd blocks (with and without checkpointing) against the eager implementation."""
+    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True)
+    ref = ConvViT(**kw, impl="eager")
+    x = torch.randn(2, 3, 64, 64)
+    sum(v.square().mean() for v in ref(x).values()).backward()
+    for ckpt in (False, True):
+        net = ConvViT(**kw, compile_blocks=True, use_act_checkpoint=ckpt)
+        net.load_state_dict(ref.state_dict())
+        out = net(x)
+        sum(v.square().mean() for v in out.values()).backward()
+        with torch.no_grad():
+            ref_out = ref(x)
+        for k in out:
+            assert (out[k] - ref_out[k]).abs().max() < 1e-5, k
+        for (n, p), q in zip(ref.named_parameters(), net.parameters()):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), (ckpt, n)
 
 
 def test_base_parameter_names_and_shapes_match_official_checkpoint():

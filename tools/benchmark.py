@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 2 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 3 GPU, 1 CPU)")
     p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"], help="encoder size (Base is the target)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add backbone rows with torch.compile'd blocks (default: on GPU only; compiling Base takes minutes on a small CPU)")
     p.add_argument("--rows", default=None,
                    help="comma-separated subset of backbone,maskrcnn,pretrain (default: all on GPU, backbone,pretrain on CPU)")
     p.add_argument("--output", default=None, help="JSON file (default output/benchmark/<device>.json)")
@@ -71,6 +73,8 @@ def parse_args(argv=None):
         p.error(f"--img-size {args.img_size}: must be a multiple of 32 (the stride-32 pyramid level)")
     if args.pretrain_img_size % 16:
         p.error(f"--pretrain-img-size {args.pretrain_img_size}: must be a multiple of 16 (the patch size)")
+    if args.compile is None:
+        args.compile = gpu
     args.rows = args.rows or ("backbone,maskrcnn,pretrain" if gpu else "backbone,pretrain")
     unknown = set(args.rows.split(",")) - {"backbone", "maskrcnn", "pretrain"}
     if unknown:
@@ -191,11 +195,13 @@ def build_backbone(args, device: torch.device):
 
 
 def set_impl(model: torch.nn.Module, impl: str, act_ckpt: bool) -> None:
+    """impl: "fast", "eager" or "compiled" (the fast path with torch.compile'd blocks)."""
     from convmae_det.modeling import ConvViT
 
     for m in model.modules():
         if isinstance(m, ConvViT):
-            m.set_impl(impl)
+            m.set_impl("fast" if impl == "compiled" else impl)
+            m.compile_blocks(impl == "compiled")
             m.use_act_checkpoint = act_ckpt
 
 
@@ -243,7 +249,7 @@ class Bench:
                 row["fraction_of_bf16_peak"] = row["tflops"] / self.peak
         row.update(extra or {})
         self.rows.append(row)
-        print(f"  {name:<22} {impl:<6} {dtype:<5} ckpt={'on ' if act_ckpt else 'off'} {t * 1e3:9.1f} ms"
+        print(f"  {name:<22} {impl:<8} {dtype:<5} ckpt={'on ' if act_ckpt else 'off'} {t * 1e3:9.1f} ms"
               f"  peak {peak if peak is None else round(peak, 2)} GiB", flush=True)
         return row
 
@@ -287,7 +293,33 @@ class Bench:
 
                     self.record("backbone fwd+bwd", impl, dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
                     net.zero_grad(set_to_none=True)
+        if a.compile:
+            self.backbone_compiled(net, x, resident, gmacs)
         del net
+
+    def backbone_compiled(self, net, x, resident, gmacs):
+        """fwd+bwd with torch.compile'd blocks, in the last dtype only (each dtype compiles anew)."""
+        a, dtype = self.args, self.dtypes[-1]
+        for act_ckpt in (False, True):
+            set_impl(net, "compiled", act_ckpt)
+
+            def fwd_bwd():
+                net.zero_grad(set_to_none=True)
+                with self.autocast(dtype):
+                    out = net(x)
+                sum(v.float().square().mean() for v in out.values()).backward()
+
+            try:
+                t0 = time.perf_counter()
+                fwd_bwd()  # compiles (or reuses the graphs compiled without checkpointing)
+                sync(self.device)
+                self.checks[f"backbone_compile_s_{dtype}{'_ckpt' if act_ckpt else ''}"] = time.perf_counter() - t0
+                self.record("backbone fwd+bwd", "compiled", dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
+            except Exception as e:  # a compiler failure must not cost the rest of the run
+                print(f"  backbone fwd+bwd compiled {dtype} ckpt={act_ckpt}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                self.checks[f"backbone_compiled_error_{dtype}"] = f"{type(e).__name__}: {str(e)[:300]}"
+            net.zero_grad(set_to_none=True)
+        set_impl(net, "fast", False)
 
     def maskrcnn(self):
         from detectron2.modeling import build_model
@@ -398,28 +430,30 @@ class Bench:
         """fast / eager speed-up per row, matched on name, dtype and checkpointing."""
         index = {(r["name"], r["dtype"], r["act_ckpt"], r["impl"]): r for r in self.rows}
         for r in self.rows:
-            if r["impl"] == "fast":
+            if r["impl"] != "eager":
                 e = index.get((r["name"], r["dtype"], r["act_ckpt"], "eager"))
                 r["speedup_vs_eager"] = e["median_s"] / r["median_s"] if e else None
         for dtype in self.dtypes:
-            f = index.get(("backbone fwd+bwd", dtype, False, "fast"))
-            c = index.get(("backbone fwd+bwd", dtype, True, "fast"))
-            if f and c:
-                self.checks[f"backbone_fwd_bwd_speedup_{dtype}"] = f["speedup_vs_eager"]
-                self.checks[f"act_ckpt_time_overhead_{dtype}"] = c["median_s"] / f["median_s"] - 1
-                if f["peak_gib"] and c["peak_gib"]:
-                    self.checks[f"act_ckpt_memory_cut_{dtype}"] = 1 - c["peak_gib"] / f["peak_gib"]
+            for impl, suffix in (("fast", ""), ("compiled", "_compiled")):
+                f = index.get(("backbone fwd+bwd", dtype, False, impl))
+                c = index.get(("backbone fwd+bwd", dtype, True, impl))
+                if f:
+                    self.checks[f"backbone_fwd_bwd_speedup_{dtype}{suffix}"] = f["speedup_vs_eager"]
+                if f and c:
+                    self.checks[f"act_ckpt_time_overhead_{dtype}{suffix}"] = c["median_s"] / f["median_s"] - 1
+                    if f["peak_gib"] and c["peak_gib"]:
+                        self.checks[f"act_ckpt_memory_cut_{dtype}{suffix}"] = 1 - c["peak_gib"] / f["peak_gib"]
 
 
 def print_table(rows: List[Dict]) -> None:
-    head = f"{'row':<24}{'impl':<7}{'dtype':<6}{'ckpt':<6}{'batch':>6}{'ms':>10}{'img/s':>9}{'peak GiB':>10}{'GMAC/img':>10}{'TFLOP/s':>9}{'%peak':>7}{'x eager':>9}"
+    head = f"{'row':<24}{'impl':<10}{'dtype':<6}{'ckpt':<6}{'batch':>6}{'ms':>10}{'img/s':>9}{'peak GiB':>10}{'GMAC/img':>10}{'TFLOP/s':>9}{'%peak':>7}{'x eager':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
         def fmt(v, spec):
             return format(v, spec) if v is not None else format("-", spec[0] + spec[1:].split(".")[0])
 
-        print(f"{r['name']:<24}{r['impl']:<7}{r['dtype']:<6}{'on' if r['act_ckpt'] else 'off':<6}{r['batch']:>6}"
+        print(f"{r['name']:<24}{r['impl']:<10}{r['dtype']:<6}{'on' if r['act_ckpt'] else 'off':<6}{r['batch']:>6}"
               f"{r['median_s'] * 1e3:>10.1f}{r['images_per_s']:>9.2f}{fmt(r['peak_gib'], '>10.2f')}"
               f"{fmt(r.get('gmacs_fwd_per_image'), '>10.1f')}{fmt(r.get('tflops'), '>9.3f')}"
               f"{fmt(r.get('fraction_of_bf16_peak') and 100 * r['fraction_of_bf16_peak'], '>7.1f')}"
@@ -465,6 +499,9 @@ def main(argv=None):
         "backbone_fast_vs_eager_max_abs_diff": ("<=", 1e-4),
         "backbone_fwd_bwd_speedup_fp32": (">=", 1.2 if args.device == "cpu" else None),
         "backbone_fwd_bwd_speedup_bf16": (">=", 1.5),
+        "backbone_fwd_bwd_speedup_bf16_compiled": (">=", 1.5),
+        "act_ckpt_memory_cut_bf16_compiled": (">=", 0.4),
+        "act_ckpt_time_overhead_bf16_compiled": ("<=", 0.3),
         "act_ckpt_memory_cut_fp32": (">=", 0.4),
         "act_ckpt_memory_cut_bf16": (">=", 0.4),
         "act_ckpt_time_overhead_fp32": ("<=", 0.3),

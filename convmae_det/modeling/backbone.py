@@ -39,6 +39,7 @@ def build_convvit_from_cfg(cfg, out_features) -> ConvViT:
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
         impl=c.IMPL,
         out_features=out_features,
+        compile_blocks=c.COMPILE,
     )
 
 

@@ -2,6 +2,7 @@
 
 Everything here is a pure function or a parameter-light ``nn.Module`` with no config inside.
 """
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -77,9 +78,27 @@ def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     if rel_pos.shape[0] != length:
         # (L, C) -> (1, C, L) -> interpolate -> (length, C)
         rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
-    coords = torch.arange(size, device=rel_pos.device)
-    index = coords[:, None] - coords[None, :] + (size - 1)
-    return rel_pos[index]
+    return rel_pos[_cached(_rel_index)(size, rel_pos.device)]
+
+
+def _cached(fn):
+    """The lru-cached ``fn``, or the plain function while torch.compile traces (it inlines it)."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
+
+
+@functools.lru_cache(maxsize=64)
+def _rel_index(size: int, device: torch.device) -> torch.Tensor:
+    """(size, size) index of query q and key k into a relative-position table: q - k + size - 1."""
+    coords = torch.arange(size, device=device)
+    return coords[:, None] - coords[None, :] + (size - 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _bicubic_matrix(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
+    """(size_out, size_in) matrix of 1-D bicubic resampling (align_corners=False), obtained by
+    resampling the identity with F.interpolate: 2-D bicubic resampling is the product of two."""
+    eye = torch.eye(size_in, device=device).reshape(1, size_in, size_in, 1)  # channels = basis vectors
+    return F.interpolate(eye, size=(size_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].t().contiguous()
 
 
 def decomposed_rel_pos(
@@ -100,11 +119,14 @@ def decomposed_rel_pos(
     return rel_h, rel_w
 
 
-def resample_abs_pos(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+def resample_abs_pos(pos_embed: torch.Tensor, hw: Tuple[int, int], separable: bool = False) -> torch.Tensor:
     """Resample a square absolute position embedding (1, N, C) to a (1, H, W, C) grid.
 
     Bicubic, align_corners=False, as in ViTDet and the official ConvMAE detection code. The
     embedding is returned unchanged (reshaped) when the grid already matches.
+    ``separable=True`` computes the same resampling as two small matmuls with 1-D bicubic
+    matrices (in fp32): F.interpolate's bicubic kernels loop over channels in each thread, and
+    on an H200 its forward and backward took 5.8 ms of a 66 ms ConvMAE-B step at 1024.
     """
     n = pos_embed.shape[1]
     size = int(round(math.sqrt(n)))
@@ -114,6 +136,12 @@ def resample_abs_pos(pos_embed: torch.Tensor, hw: Tuple[int, int]) -> torch.Tens
     grid = pos_embed.reshape(1, size, size, -1)
     if (size, size) == (H, W):
         return grid
+    if separable:
+        mh = _cached(_bicubic_matrix)(size, H, pos_embed.device)
+        mw = _cached(_bicubic_matrix)(size, W, pos_embed.device)
+        with torch.autocast(pos_embed.device.type, enabled=False):
+            # out[i, j] = sum_h,w mh[i, h] mw[j, w] grid[h, w]
+            return torch.einsum("ih,hwc,jw->ijc", mh, grid[0].float(), mw).unsqueeze(0)
     # 1 S S C -> 1 C S S -> 1 C H W -> 1 H W C
     grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(H, W), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1)
