@@ -38,6 +38,33 @@ def test_pyramid_outputs_p2_to_p6(name, cls):
         assert out[k].shape == (1, spec.channels, -(-96 // spec.stride), -(-64 // spec.stride)), k
 
 
+@pytest.mark.parametrize("name", ["build_convmae_sfp_backbone", "build_convmae_msfp_backbone"])
+def test_fast_pyramid_equals_eager_forward_and_gradients(name):
+    """The fast path runs the pyramid on B H W C (deconvs and 1x1 convs as matmuls)."""
+    cfg = tiny_cfg("MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0",
+                   "MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s8", "s16", "s32"]')
+    backbone = build_backbone(cfg)
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in backbone.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.normal_(0.5 if n.endswith("weight") else 0.0, 0.3)
+    x = torch.randn(2, 3, 64, 96)
+    outs, grads = {}, {}
+    for impl in ("fast", "eager"):
+        backbone.net.set_impl(impl)
+        backbone.zero_grad()
+        out = backbone(x)
+        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
+        outs[impl] = out
+        grads[impl] = {n: p.grad.clone() for n, p in backbone.named_parameters()}
+    for k in outs["fast"]:
+        assert outs["fast"][k].shape == outs["eager"][k].shape
+        assert (outs["fast"][k] - outs["eager"][k]).abs().max() < 1e-4, k
+    for n, g in grads["fast"].items():
+        scale = grads["eager"][n].abs().max().item() + 1e-6
+        assert (g - grads["eager"][n]).abs().max().item() / scale < 1e-4, n
+
+
 def test_square_padding_and_its_errors():
     backbone = build_backbone(tiny_cfg())  # SQUARE_PAD 128
     out = backbone(torch.randn(1, 3, 96, 64))

@@ -22,13 +22,14 @@ memory cut, pretraining FLOPs), and writes everything as JSON.
 
 FLOPs are counted by fvcore on the eager path (fvcore sees explicit matmuls, not fused kernels)
 and are reported as GMACs per image for the forward pass (fvcore's unit); achieved TFLOP/s
-counts 2 FLOPs per MAC and a backward pass as twice the forward. CPU peak memory is the
-process's resident-set high-water mark during the row (reset through /proc/self/clear_refs)
-over the resident set before it, plus the weights; GPU peak memory is
-torch.cuda.max_memory_allocated.
+counts 2 FLOPs per MAC and a backward pass as twice the forward. Peak memory comes from one
+more run after the timed ones: on the GPU torch.cuda.max_memory_allocated; on the CPU the peak
+of PyTorch's allocations during that run (profiler memory events) plus the weights.
+
+--compile adds the backbone's fwd+bwd rows with torch.compile'd blocks (MODEL.CONVMAE.COMPILE),
+in the last dtype only; the compile time is printed among the checks.
 """
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per backbone / Mask R-CNN row (default 2 GPU, 1 CPU)")
     p.add_argument("--pretrain-batch", type=int, default=None, help="images per pretraining step (default 128 GPU, 4 CPU)")
     p.add_argument("--pretrain-img-size", type=int, default=224, help="pretraining image size (multiple of 16)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 2 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 3 GPU, 1 CPU)")
     p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"], help="encoder size (Base is the target)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 2), ("warmup", 3, 1)):
+    for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 3), ("warmup", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, g if gpu else c)
     if args.img_size % 32:
@@ -85,48 +86,36 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------ memory
 class PeakMemory:
-    """Peak memory of a block of work: CUDA allocator statistics, or the CPU process's RSS
-    high-water mark (Linux). On the CPU, glibc is told to serve every allocation above 128 KiB
-    by mmap and to give freed memory back at once, so that the RSS follows live tensors."""
+    """Peak memory of one more run of a block of work, after its timed runs.
+
+    GPU: torch.cuda.max_memory_allocated. CPU: the peak of the bytes PyTorch's allocator holds
+    during the run over what it held at the start, from the profiler's memory events, plus the
+    weights (``resident_bytes``). The process's resident set does not serve: glibc keeps freed
+    memory, and forcing it to give memory back at once (mmap above 128 KiB) made every large
+    allocation fault its pages in again, which slowed the CPU rows by up to 30%.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        if device.type == "cpu":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD, fixed (no dynamic growth)
-                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-            except OSError:
-                pass
-            self.available = os.path.exists("/proc/self/clear_refs")
 
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
-
-    def start(self) -> None:
+    def measure(self, fn: Callable[[], None], resident_bytes: int) -> Optional[float]:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            self.base = 0
-        elif self.available:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current RSS
-            self.base = self._status("VmRSS")
-
-    def stop(self, resident_bytes: int) -> Optional[float]:
-        """GiB at the peak; ``resident_bytes`` (weights, ...) is added on the CPU, where the RSS
-        already held them before the row started."""
-        if self.device.type == "cuda":
+            fn()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**30
-        if not self.available:
-            return None
-        return (self._status("VmHWM") - self.base + resident_bytes) / 2**30
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        # allocations are charged to the op that made them, frees are "[memory]" events
+        deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+        held = peak = 0
+        for _, d in deltas:
+            held += d
+            peak = max(peak, held)
+        return (peak + resident_bytes) / 2**30
 
 
 def sync(device: torch.device) -> None:
@@ -135,17 +124,17 @@ def sync(device: torch.device) -> None:
 
 
 def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, mem: PeakMemory, resident: int):
+    """Times of ``repeats`` runs after ``warmup`` runs, then the peak memory of one more run."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
-    mem.start()
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return times, mem.stop(resident)
+    return times, mem.measure(fn, resident)
 
 
 def param_bytes(module: torch.nn.Module) -> int:

@@ -23,7 +23,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from .convvit import ConvViT
 from .layers import LayerNorm2d
 
-__all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square"]
+__all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square", "run_stage_nhwc"]
 
 
 def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -34,6 +34,58 @@ def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
     if (H, W) == (size, size):
         return x
     return F.pad(x, (0, size - W, 0, size - H))
+
+
+def _deconv2x2_nhwc(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
+    """A kernel-2 stride-2 transposed conv on B H W C as one matmul to the 2x2 output cells of
+    each input cell, then an interleave: y[2h+i, 2w+j] = x[h, w] @ W[:, :, i, j] + b."""
+    B, H, W, _ = x.shape
+    cout = deconv.out_channels
+    y = F.linear(x, deconv.weight.permute(2, 3, 1, 0).reshape(4 * cout, -1))  # B H W (i j cout)
+    y = y.view(B, H, W, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, cout)
+    return y + deconv.bias if deconv.bias is not None else y
+
+
+def _is_plain(conv: nn.modules.conv._ConvNd, kernel: int, stride: int) -> bool:
+    return (
+        conv.kernel_size == (kernel, kernel) and conv.stride == (stride, stride) and conv.groups == 1
+        and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid")
+        and getattr(conv, "output_padding", (0, 0)) == (0, 0)
+    )
+
+
+def _norm_nhwc(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    if norm is None:
+        return x
+    if isinstance(norm, LayerNorm2d):
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def run_stage_nhwc(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The fast path of a pyramid stage: B H W C in, B H W C out, the same function as
+    ``stage`` on the NCHW view. 1x1 convs and the kernel-2 stride-2 deconvolutions are matmuls
+    on the token layout and the channel LayerNorms need no permute. A spatial conv runs on
+    contiguous NCHW on the CPU, where oneDNN's backward of a channels-last 3x3 conv took 2.4x
+    longer, and channels-last on the GPU."""
+    for layer in stage:
+        if isinstance(layer, nn.ConvTranspose2d) and _is_plain(layer, 2, 2):
+            x = _deconv2x2_nhwc(layer, x)
+        elif isinstance(layer, LayerNorm2d):
+            x = _norm_nhwc(layer, x)
+        elif isinstance(layer, nn.Conv2d):
+            if _is_plain(layer, 1, 1):
+                x = F.linear(x, layer.weight.flatten(1), layer.bias)
+            else:
+                y = x.permute(0, 3, 1, 2)
+                y = y.contiguous() if y.device.type == "cpu" else y.contiguous(memory_format=torch.channels_last)
+                x = layer._conv_forward(y, layer.weight, layer.bias).permute(0, 2, 3, 1)
+            x = _norm_nhwc(getattr(layer, "norm", None), x)
+            if getattr(layer, "activation", None) is not None:
+                x = layer.activation(x)
+        else:  # elementwise layers and pooling: on the NCHW view
+            x = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return x
 
 
 def _out_convs(in_dim: int, out_channels: int, norm_eps: float = 1e-6):
@@ -75,6 +127,13 @@ class _PyramidBase(Backbone):
         if H % d or W % d:
             raise ValueError(f"input {H}x{W}: height and width must be multiples of {d}")
         return x
+
+    def _run_stages(self, stages, feats):
+        """Each stage on its NCHW input; the encoder's fast path runs them on B H W C
+        (:func:`run_stage_nhwc`) and returns NCHW views of that memory."""
+        if self.net.impl != "fast":
+            return [stage(f) for stage, f in zip(stages, feats)]
+        return [run_stage_nhwc(stage, f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for stage, f in zip(stages, feats)]
 
     def _finish(self, results):
         results.extend(self.top_block(results[-1]))
@@ -126,7 +185,7 @@ class SimpleFeaturePyramid(_PyramidBase):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
         feat = self.net(x)["s16"]
-        return self._finish([stage(feat) for stage in self._stages])
+        return self._finish(self._run_stages(self._stages, [feat] * len(self._stages)))
 
 
 class MultiScaleSimpleFeaturePyramid(_PyramidBase):
@@ -165,4 +224,4 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
         feats = self.net(x)
-        return self._finish([stage(feats[name]) for stage, name in zip(self._stages, self._in_features)])
+        return self._finish(self._run_stages(self._stages, [feats[name] for name in self._in_features]))
