@@ -32,7 +32,7 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 # pretrain a tiny ConvMAE on the built-in training images -> convert -> finetune Mask R-CNN -> evaluate
 demo: setup
 	$(PY) tools/make_shapes_dataset.py
-	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/train --output $(DEMO_OUT)/pretrain \
+	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/train --output $(DEMO_OUT)/pretrain --overwrite \
 		--size tiny --img-size 128 --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 \
 		--batch-size 32 --steps $(PRETRAIN_STEPS) --lr $(PRETRAIN_LR) --warmup-steps 40 --num-workers 1 \
 		--checkpoint-every $(PRETRAIN_STEPS) --log-every 40

@@ -193,6 +193,20 @@ def test_pretrain_writes_checkpoint_and_grid(image_folder, tmp_path):
     assert (tmp_path / "o" / "vis" / "step_000002.png").is_file()
 
 
+def test_a_new_run_refuses_an_output_holding_one_and_resume_logs_each_step_once(image_folder, tmp_path):
+    out = tmp_path / "r"
+    _pretrain(image_folder, out, "--steps", "4", "--checkpoint-every", "2", "--stop-at", "2")
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        _pretrain(image_folder, out, "--steps", "4")
+    with open(out / "log.jsonl", "a") as f:  # a step logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 3, "loss": 1.0, "lr": 0.0}) + "\n")
+    rows = _pretrain(image_folder, out, "--steps", "4", "--checkpoint-every", "2", "--resume")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["loss"] != 1.0
+    rows = _pretrain(image_folder, out, "--steps", "2", "--checkpoint-every", "2", "--overwrite")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+
+
 def test_pretrain_dense_and_sparse_conv_stages_give_the_same_losses(image_folder, tmp_path):
     sparse = _pretrain(image_folder, tmp_path / "sparse", "--steps", "2", "--checkpoint-every", "2")
     dense = _pretrain(image_folder, tmp_path / "dense", "--steps", "2", "--checkpoint-every", "2", "--dense-conv-stages")

@@ -6,6 +6,7 @@
   torchrun --nproc_per_node 8 tools/pretrain.py ...                   # DDP on one machine
   torchrun --nnodes 3 --node_rank R --master_addr HOST --nproc_per_node 8 tools/pretrain.py ...
   python tools/pretrain.py ... --resume                               # continue output/checkpoint.pth
+  python tools/pretrain.py ... --overwrite                            # start over in an OUTPUT that holds a run
 
 Recipe (reference section 2): RandomResizedCrop(224, 0.2-1.0) + flip, block-wise masking at
 ratio 0.75, AdamW (betas 0.9/0.95, weight decay 0.05, none on biases and norms),
@@ -22,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -82,6 +84,8 @@ def get_args(argv=None):
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="a checkpoint, or OUTPUT/checkpoint.pth if none given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT that holds one: its checkpoint, log and TensorBoard events are removed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     return p.parse_args(argv)
 
@@ -101,11 +105,48 @@ def setup_distributed(device_arg):
     return device, rank, world
 
 
+RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")
+
+
+def prepare_output(output: str, resume: bool, overwrite: bool, rank: int) -> None:
+    """A new run refuses an OUTPUT holding an earlier run's files unless --overwrite removes them:
+    appending a second run's log to the first one's would leave a log of two runs mixed."""
+    if resume:
+        return
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
+    if not found:
+        return
+    if not overwrite:
+        raise SystemExit(
+            f"{output} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
+            "--overwrite to start over in it, or another --output"
+        )
+    if rank == 0:
+        for f in found:
+            path = os.path.join(output, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        logger.info(f"--overwrite: removed {', '.join(found)} from {output}")
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drop the log lines after the checkpoint's step (written before an interruption), so that
+    the resumed run logs each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     args = get_args(argv)
     device, rank, world = setup_distributed(args.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s pretrain] %(message)s")
     os.makedirs(args.output, exist_ok=True)
+    prepare_output(args.output, resume=args.resume is not None, overwrite=args.overwrite, rank=rank)
 
     files = list_images(args.data)
     if args.effective_batch:
@@ -151,6 +192,8 @@ def main(argv=None):
         scaler.load_state_dict(ckpt["scaler"])
         start_step = int(ckpt["step"])
         logger.info(f"resumed from {ckpt_path} at step {start_step}")
+        if rank == 0:
+            trim_log(os.path.join(args.output, "log.jsonl"), start_step)
     raw_model = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
