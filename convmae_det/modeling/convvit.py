@@ -560,9 +560,10 @@ class ConvViT(nn.Module):
             x = next(a for a in args if torch.is_tensor(a))
             if x.device.type == "cpu" and not getattr(self, "_compile", False):
                 return cp.checkpoint(fn, *args, use_reentrant=False, context_fn=_keep_attention_outputs)
-            # Selective checkpointing runs a Python policy for every op: on an H200 (ConvMAE-B,
-            # 1024, bf16) that made the step 2.8x slower, against 1.7x for recomputing the blocks
-            # in full, which also keeps less. Compiled blocks are opaque to the policy as well.
+            # Selective checkpointing runs a Python policy for every op. On an H200 (ConvMAE-B,
+            # 1024, bf16, launch-bound) that made the step 2.8x slower in a profile, while
+            # recomputing whole blocks cost +26% in tools/benchmark.py and keeps less. Compiled
+            # blocks are opaque to the policy as well.
             return cp.checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
