@@ -70,6 +70,8 @@ def parse_args(argv=None):
     for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 3), ("warmup", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, g if gpu else c)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats {args.repeats} --warmup {args.warmup}: need at least one timed run and no negative warm-up")
     if args.img_size % 32:
         p.error(f"--img-size {args.img_size}: must be a multiple of 32 (the stride-32 pyramid level)")
     if args.pretrain_img_size % 16:
@@ -273,31 +275,30 @@ class Bench:
             for act_ckpt in (False, True):
                 for impl in ("fast", "eager") if self.full_matrix or not act_ckpt else ("fast",):
                     set_impl(net, impl, act_ckpt)
-
-                    def fwd_bwd():
-                        net.zero_grad(set_to_none=True)
-                        with self.autocast(dtype):
-                            out = net(x)
-                        sum(v.float().square().mean() for v in out.values()).backward()
-
+                    fwd_bwd = self.backbone_step(net, x, dtype)
                     self.record("backbone fwd+bwd", impl, dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
                     net.zero_grad(set_to_none=True)
         if a.compile:
             self.backbone_compiled(net, x, resident, gmacs)
         del net
 
+    def backbone_step(self, net, x, dtype: str) -> Callable[[], None]:
+        """One forward+backward of the backbone (gradients of a loss over every output level)."""
+
+        def fwd_bwd():
+            net.zero_grad(set_to_none=True)
+            with self.autocast(dtype):
+                out = net(x)
+            sum(v.float().square().mean() for v in out.values()).backward()
+
+        return fwd_bwd
+
     def backbone_compiled(self, net, x, resident, gmacs):
         """fwd+bwd with torch.compile'd blocks, in the last dtype only (each dtype compiles anew)."""
         a, dtype = self.args, self.dtypes[-1]
         for act_ckpt in (False, True):
             set_impl(net, "compiled", act_ckpt)
-
-            def fwd_bwd():
-                net.zero_grad(set_to_none=True)
-                with self.autocast(dtype):
-                    out = net(x)
-                sum(v.float().square().mean() for v in out.values()).backward()
-
+            fwd_bwd = self.backbone_step(net, x, dtype)
             try:
                 t0 = time.perf_counter()
                 fwd_bwd()  # compiles (or reuses the graphs compiled without checkpointing)
@@ -341,8 +342,7 @@ class Bench:
                         loss.backward()
                         opt.step()
 
-                    if self.args.warmup == 0:
-                        step()  # the optimizer state must exist before memory is measured
+                    # memory is measured after the timed runs, when AdamW's state exists
                     self.record("maskrcnn train iter", impl, dtype, act_ckpt, a.batch, step, resident)
             del model, opt
 

@@ -20,7 +20,7 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .convvit import ConvViT
+from .convvit import ConvViT, _layer_norm_nhwc
 from .layers import LayerNorm2d
 
 __all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square", "run_stage_nhwc"]
@@ -58,7 +58,7 @@ def _norm_nhwc(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     if norm is None:
         return x
     if isinstance(norm, LayerNorm2d):
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return _layer_norm_nhwc(norm, x)
     return norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
