@@ -65,6 +65,20 @@ def test_fast_pyramid_equals_eager_forward_and_gradients(name):
         assert (g - grads["eager"][n]).abs().max().item() / scale < 1e-4, n
 
 
+def test_fast_deconv_keeps_the_autocast_dtype():
+    """The fast deconvolution adds its fp32 bias to a bf16 matmul: it must stay bf16 under
+    autocast, as nn.ConvTranspose2d does, rather than be promoted to fp32."""
+    from convmae_det.modeling.pyramid import _deconv2x2_nhwc
+
+    deconv = torch.nn.ConvTranspose2d(16, 8, kernel_size=2, stride=2)
+    x = torch.randn(1, 4, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = _deconv2x2_nhwc(deconv, x)
+        eager = deconv(x.permute(0, 3, 1, 2))
+    assert fast.dtype == eager.dtype == torch.bfloat16
+    assert (fast.float() - eager.permute(0, 2, 3, 1).float()).abs().max() < 0.05
+
+
 def test_square_padding_and_its_errors():
     backbone = build_backbone(tiny_cfg())  # SQUARE_PAD 128
     out = backbone(torch.randn(1, 3, 96, 64))

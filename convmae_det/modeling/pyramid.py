@@ -43,7 +43,7 @@ def _deconv2x2_nhwc(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor
     cout = deconv.out_channels
     y = F.linear(x, deconv.weight.permute(2, 3, 1, 0).reshape(4 * cout, -1))  # B H W (i j cout)
     y = y.view(B, H, W, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, cout)
-    return y + deconv.bias if deconv.bias is not None else y
+    return y + deconv.bias.to(y.dtype) if deconv.bias is not None else y  # no fp32 promotion under autocast
 
 
 def _is_plain(conv: nn.modules.conv._ConvNd, kernel: int, stride: int) -> bool:
