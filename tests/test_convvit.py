@@ -88,6 +88,25 @@ def test_fast_equals_eager_forward_and_gradients(hw):
         assert diff / scale < 1e-4, f"grad of {n}: fast and eager differ by {diff} (max {scale})"
 
 
+def test_window_attention_stays_in_bf16_under_autocast(monkeypatch):
+    """The padded window path adds the qkv bias in the activations' dtype: under bf16 autocast
+    the attention gets bf16 inputs, not fp32 ones promoted by an fp32 bias."""
+    import torch.nn.functional as F
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    blk = TransformerBlock(64, 2, window_size=3, use_rel_pos=True)  # 4x4 grid: padded to 6x6
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blk(torch.randn(1, 4, 4, 64))
+    assert seen == [(torch.bfloat16,) * 3]
+
+
 def test_fast_conv_stages_keep_channels_last_without_copies():
     net = ConvViT(**tiny_convvit_kwargs()).eval()
     s4, s8, tokens = net.forward_conv_stages(torch.randn(1, 3, 64, 64))

@@ -343,14 +343,13 @@ class TransformerBlock(nn.Module):
             x = self.attn(x.reshape(-1, ws * ws, C), (ws, ws)).view(-1, ws, ws, C)
             return window_unpartition(x, ws, pad_hw, (H, W))
         # Same function, without projecting the padding: a zero-padded token's qkv is the qkv
-        # bias, so pad the projected grid with the bias; project out only the H x W kept tokens.
-        qkv = self.attn.qkv(x)
-        if H % ws or W % ws:
-            bias = self.attn.qkv.bias
-            qkv = F.pad(qkv - bias, (0, 0, 0, -W % ws, 0, -H % ws)) + bias if bias is not None else F.pad(
-                qkv, (0, 0, 0, -W % ws, 0, -H % ws)
-            )
-        qkv, pad_hw = window_partition(qkv, ws)
+        # bias, so project the H x W tokens without the bias, zero-pad and partition, then add it.
+        bias = self.attn.qkv.bias
+        if (H % ws or W % ws) and bias is not None:
+            qkv, pad_hw = window_partition(F.linear(x, self.attn.qkv.weight), ws)
+            qkv = qkv + bias.to(qkv.dtype)
+        else:
+            qkv, pad_hw = window_partition(self.attn.qkv(x), ws)
         x = self.attn.attend_qkv(qkv.reshape(-1, ws * ws, 3 * C), (ws, ws)).view(-1, ws, ws, C)
         return self.attn.proj(window_unpartition(x, ws, pad_hw, (H, W)))
 
