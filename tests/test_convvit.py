@@ -88,6 +88,32 @@ def test_fast_equals_eager_forward_and_gradients(hw):
         assert diff / scale < 1e-4, f"grad of {n}: fast and eager differ by {diff} (max {scale})"
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 5), (7, 3), (6, 6)])
+@pytest.mark.parametrize("dim,heads", [(36, 3), (64, 1)])
+def test_fused_rel_pos_attention_equals_explicit_bias(hw, dim, heads):
+    """The relative shift of the fused path against the official explicit N x N bias, on grids
+    from 1x1 up, non-square, with tables sized for another grid (resized) and head widths
+    whose channel padding differs."""
+    from convmae_det.modeling.convvit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(dim, heads, use_rel_pos=True, rel_pos_size=(4, 5))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(0, 0.5)
+        attn.rel_pos_w.normal_(0, 0.5)
+    x = torch.randn(2, hw[0] * hw[1], dim, requires_grad=True)
+    results = {}
+    for impl in ("sdpa", "eager"):
+        attn.attn_impl = impl
+        attn.zero_grad()
+        x.grad = None
+        out = attn(x, hw)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[impl] = [out.detach(), x.grad, attn.rel_pos_h.grad, attn.rel_pos_w.grad]
+    for name, a, b in zip(("out", "x.grad", "rel_pos_h.grad", "rel_pos_w.grad"), *results.values()):
+        assert (a - b).abs().max() < 1e-5 * (1 + b.abs().max()), name
+
+
 def test_window_attention_stays_in_bf16_under_autocast(monkeypatch):
     """The padded window path adds the qkv bias in the activations' dtype: under bf16 autocast
     the attention gets bf16 inputs, not fp32 ones promoted by an fp32 bias."""

@@ -31,6 +31,7 @@ from .layers import (
     decomposed_rel_pos,
     get_2d_sincos_pos_embed,
     resample_abs_pos,
+    resize_rel_pos,
     window_partition,
     window_unpartition,
 )
@@ -265,35 +266,56 @@ class Attention(nn.Module):
         """Fused attention with the decomposed relative position and no N x N tensor.
 
         The logit of query i and key j at grid rows/columns (ih, iw), (jh, jw) is
-        ``scale * q_i.k_j + rel_h[i, jh] + rel_w[i, jw]``, which is the dot product of
-        ``q'_i = [scale * q_i, rel_h[i, :], rel_w[i, :]]`` and ``k'_j = [k_j, onehot(jh), onehot(jw)]``.
-        Both are zero-padded to a multiple of 8 channels (kernel alignment). CUDA's memory-efficient
-        and cuDNN kernels take a value narrower than the key; the CPU kernel needs equal widths,
-        so there the value is zero-padded too and the padding cut from the output.
+        ``scale * q_i.k_j + q_i.Rh[ih - jh + H - 1] + q_i.Rw[iw - jw + W - 1]``. With
+        ``P_i = q_i @ [Rh; Rw]^T``, the terms for all 2H-1 + 2W-1 offsets in one matmul, it is
+        ``scale * q'_i.k'_j`` for
+
+            q'_i = [q_i, P_i[ih : ih + H], P_i[2H-1 + iw : 2H-1 + iw + W]]
+            k'_j = [k_j, onehot(H - 1 - jh) / scale, onehot(W - 1 - jw) / scale]
+
+        The windows of P that q' takes are strided views of P (the relative shift of
+        Transformer-XL), read by the one concatenation that builds q': no gather, no N x N
+        bias. q' and k' are padded to a multiple of 8 channels (kernel alignment); k' with
+        zeros, so q' may hold any finite values there. CUDA's memory-efficient and cuDNN kernels
+        take a value narrower than the key; the CPU kernel needs equal widths, so there the value
+        is zero-padded too and the padding cut from the output.
         """
         B, nh, N, d = q.shape
         H, W = hw
-        rel_h, rel_w = self._rel_pos_terms(q, hw)
-        extra = H + W
-        pad = -(d + extra) % 8
-        onehot = _cached(_grid_onehot)(H, W, pad, q.device, q.dtype).expand(B, nh, N, extra + pad)
-        q2 = torch.cat([q * self.scale, rel_h.to(q.dtype), rel_w.to(q.dtype), q.new_zeros(B, nh, N, pad)], dim=-1)
+        pad = -(d + H + W) % 8
+        rh, rw = resize_rel_pos(H, self.rel_pos_h), resize_rel_pos(W, self.rel_pos_w)
+        zeros = _cached(_zero_rows)(pad, d, rh.device, rh.dtype)  # keeps the last window of P in bounds
+        table = torch.cat([rh, rw, zeros])  # K x d, K = 2H-1 + 2W-1 + pad
+        K = table.shape[0]
+        P = torch.matmul(q, table.t().to(q.dtype)).contiguous().view(B, nh, H, W, K)
+        s = P.stride()
+        rel_h = P.as_strided((B, nh, H, W, H), (s[0], s[1], s[2] + 1, s[3], 1), P.storage_offset())
+        rel_w = P.as_strided((B, nh, H, W, W + pad), (s[0], s[1], s[2], s[3] + 1, 1), P.storage_offset() + 2 * H - 1)
+        q2 = torch.cat([q.reshape(B, nh, H, W, d), rel_h, rel_w], dim=-1).view(B, nh, N, d + H + W + pad)
+        onehot = _cached(_grid_onehot)(H, W, pad, 1.0 / self.scale, q.device, q.dtype)
+        onehot = onehot.expand(B, nh, N, H + W + pad)
         k2 = torch.cat([k, onehot], dim=-1)
         if q.is_cuda:
-            return F.scaled_dot_product_attention(q2, k2, v, scale=1.0)
-        out = F.scaled_dot_product_attention(q2, k2, F.pad(v, (0, extra + pad)), scale=1.0)
+            return F.scaled_dot_product_attention(q2, k2, v, scale=self.scale)
+        out = F.scaled_dot_product_attention(q2, k2, F.pad(v, (0, H + W + pad)), scale=self.scale)
         return out[..., :d]
 
 
 @functools.lru_cache(maxsize=32)
-def _grid_onehot(H: int, W: int, pad: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H*W, H + W + pad): row n = (i, j) of an H x W grid holds one-hots of i and of j (cached)."""
+def _grid_onehot(H: int, W: int, pad: int, value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H*W, H + W + pad): row n = (i, j) of an H x W grid holds one-hots of H - 1 - i and of
+    W - 1 - j times ``value``, then zeros (cached)."""
     rows = torch.arange(H, device=device).repeat_interleave(W)
     cols = torch.arange(W, device=device).repeat(H)
     out = torch.zeros(H * W, H + W + pad, device=device, dtype=dtype)
-    out[torch.arange(H * W, device=device), rows] = 1
-    out[torch.arange(H * W, device=device), H + cols] = 1
+    out[torch.arange(H * W, device=device), H - 1 - rows] = value
+    out[torch.arange(H * W, device=device), H + W - 1 - cols] = value
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _zero_rows(rows: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(rows, dim, device=device, dtype=dtype)
 
 
 class TransformerBlock(nn.Module):

@@ -15,6 +15,7 @@ __all__ = [
     "window_partition",
     "window_unpartition",
     "get_rel_pos",
+    "resize_rel_pos",
     "decomposed_rel_pos",
     "resample_abs_pos",
     "get_2d_sincos_pos_embed",
@@ -67,17 +68,24 @@ def window_unpartition(
     return x
 
 
+def resize_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """A relative-position table (L, C) for an axis of ``size`` positions: 2 * size - 1 entries,
+    entry ``size - 1 + d`` for the offset d = query - key. A table of another length is resized
+    by 1-D linear interpolation (ViTDet)."""
+    length = 2 * size - 1
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    # (L, C) -> (1, C, L) -> interpolate -> (length, C)
+    return F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+
+
 def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Gather a relative-position table for a query/key axis of length ``size``.
 
-    ``rel_pos`` is (L, C). A table whose length differs from 2 * size - 1 is first resized by
-    1-D linear interpolation (ViTDet). Returns (size, size, C) indexed by (query, key) with
-    entry ``rel_pos[q - k + size - 1]``.
+    ``rel_pos`` is (L, C), resized by :func:`resize_rel_pos` if needed. Returns (size, size, C)
+    indexed by (query, key) with entry ``rel_pos[q - k + size - 1]``.
     """
-    length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        # (L, C) -> (1, C, L) -> interpolate -> (length, C)
-        rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode="linear").squeeze(0).t()
+    rel_pos = resize_rel_pos(size, rel_pos)
     return rel_pos[_cached(_rel_index)(size, rel_pos.device)]
 
 
