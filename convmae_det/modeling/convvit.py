@@ -285,13 +285,9 @@ class Attention(nn.Module):
         pad = -(d + H + W) % 8
         rh, rw = resize_rel_pos(H, self.rel_pos_h), resize_rel_pos(W, self.rel_pos_w)
         zeros = _cached(_zero_rows)(pad, d, rh.device, rh.dtype)  # keeps the last window of P in bounds
-        table = torch.cat([rh, rw, zeros])  # K x d, K = 2H-1 + 2W-1 + pad
-        K = table.shape[0]
-        P = torch.matmul(q, table.t().to(q.dtype)).contiguous().view(B, nh, H, W, K)
-        s = P.stride()
-        rel_h = P.as_strided((B, nh, H, W, H), (s[0], s[1], s[2] + 1, s[3], 1), P.storage_offset())
-        rel_w = P.as_strided((B, nh, H, W, W + pad), (s[0], s[1], s[2], s[3] + 1, 1), P.storage_offset() + 2 * H - 1)
-        q2 = torch.cat([q.reshape(B, nh, H, W, d), rel_h, rel_w], dim=-1).view(B, nh, N, d + H + W + pad)
+        table = torch.cat([rh, rw, zeros])  # (2H-1 + 2W-1 + pad) x d
+        P = torch.matmul(q, table.t().to(q.dtype)).view(B, nh, H, W, -1)
+        q2 = _RelativeShift.apply(q.reshape(B, nh, H, W, d), P, pad).view(B, nh, N, d + H + W + pad)
         onehot = _cached(_grid_onehot)(H, W, pad, 1.0 / self.scale, q.device, q.dtype)
         onehot = onehot.expand(B, nh, N, H + W + pad)
         k2 = torch.cat([k, onehot], dim=-1)
@@ -299,6 +295,37 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q2, k2, v, scale=self.scale)
         out = F.scaled_dot_product_attention(q2, k2, F.pad(v, (0, H + W + pad)), scale=self.scale)
         return out[..., :d]
+
+
+def _rel_windows(P: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The windows P[..., ih : ih + H] and P[..., 2H-1 + iw : 2H-1 + iw + W + pad] of a contiguous
+    B nh H W K tensor, for every grid cell (ih, iw), as strided views (disjoint, no overlap)."""
+    B, nh, H, W, _ = P.shape
+    s, o = P.stride(), P.storage_offset()
+    rel_h = P.as_strided((B, nh, H, W, H), (s[0], s[1], s[2] + 1, s[3], 1), o)
+    rel_w = P.as_strided((B, nh, H, W, W + pad), (s[0], s[1], s[2], s[3] + 1, 1), o + 2 * H - 1)
+    return rel_h, rel_w
+
+
+class _RelativeShift(torch.autograd.Function):
+    """q' = [q, rel_h, rel_w] from the strided windows of P (:func:`_rel_windows`). The backward
+    writes both windows' gradients into one zero-filled buffer, where autograd's as_strided
+    backward would fill one buffer per window and add them (5 ops instead of 3)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, P: torch.Tensor, pad: int) -> torch.Tensor:
+        P = P.contiguous()
+        ctx.shape, ctx.d, ctx.pad = P.shape, q.shape[-1], pad
+        return torch.cat([q, *_rel_windows(P, pad)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        d, H = ctx.d, ctx.shape[2]
+        grad_p = grad.new_zeros(ctx.shape)
+        grad_h, grad_w = _rel_windows(grad_p, ctx.pad)
+        grad_h.copy_(grad[..., d : d + H])
+        grad_w.copy_(grad[..., d + H :])
+        return grad[..., :d], grad_p, None
 
 
 @functools.lru_cache(maxsize=32)
@@ -373,7 +400,10 @@ class TransformerBlock(nn.Module):
         else:
             qkv, pad_hw = window_partition(self.attn.qkv(x), ws)
         x = self.attn.attend_qkv(qkv.reshape(-1, ws * ws, 3 * C), (ws, ws)).view(-1, ws, ws, C)
-        return self.attn.proj(window_unpartition(x, ws, pad_hw, (H, W)))
+        x = window_unpartition(x, ws, pad_hw, pad_hw)
+        if pad_hw != (H, W):  # crop as one op (a negative pad): slicing H and W is two in the backward
+            x = F.pad(x, (0, 0, 0, W - pad_hw[1], 0, H - pad_hw[0]))
+        return self.attn.proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self._attend(self.norm1(x)))
