@@ -15,7 +15,9 @@ for the fast backbone, no checkpointed pretraining row, and no Mask R-CNN rows u
 with --rows (an iteration of the COCO heads takes about a minute on 2 cores).
 
 Prints a table, the checks the project promises (output equality, speed-up, checkpointing's
-memory cut, pretraining FLOPs), and writes everything as JSON.
+memory cut, pretraining FLOPs), and writes everything as JSON. Among the checks, the number of
+ATen ops (views excluded) one backbone fwd+bwd dispatches per path: on a GPU each is about a
+kernel launch, and a path whose kernels are short is bound by their launches.
 
   python tools/benchmark.py --device cpu          # 512x512, batch 1 (fits 10 minutes on 2 cores)
   python tools/benchmark.py --device cuda         # 1024x1024, batch 2, plus the card's bf16 matmul peak
@@ -137,6 +139,26 @@ def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats
         sync(device)
         times.append(time.perf_counter() - t)
     return times, mem.measure(fn, resident)
+
+
+def dispatched_ops(fn: Callable[[], None]) -> int:
+    """The number of ATen ops that ``fn`` dispatches, views excluded: on a GPU, about one kernel
+    launch each, which bounds a step when the kernels are shorter than their launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "_unsafe_view", "_local_scalar_dense"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in free:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        fn()
+    return counter.n
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -263,6 +285,12 @@ class Bench:
         )
         del outs
         net.train()
+        for impl in ("fast", "eager"):  # in the last dtype (bf16 on a GPU)
+            set_impl(net, impl, False)
+            self.checks[f"backbone_fwd_bwd_ops_{impl}_{self.dtypes[-1]}"] = dispatched_ops(
+                self.backbone_step(net, x, self.dtypes[-1])
+            )
+        net.zero_grad(set_to_none=True)
         for dtype in self.dtypes:
             for impl in ("fast", "eager"):
                 set_impl(net, impl, False)
