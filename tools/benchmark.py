@@ -3,7 +3,9 @@
 
 One process, one run: every row is timed (median of --repeats runs after --warmup) and its
 peak memory recorded, for the fast and the eager implementation, fp32 and (GPU) bf16 autocast,
-with and without activation checkpointing:
+with and without activation checkpointing. The variants of a row (fast, eager, checkpointed)
+are timed in turn, one run of each per round, so that the ratios between them do not depend on
+when in the run the machine was busy:
 
   backbone fwd / fwd+bwd   ConvMAE-Base encoder + simple feature pyramid (COCO config)
   maskrcnn train iter      the whole Mask R-CNN: forward, backward, AdamW step (data on device)
@@ -32,13 +34,14 @@ of PyTorch's allocations during that run (profiler memory events) plus the weigh
 in the last dtype only; the compile time is printed among the checks.
 """
 import argparse
+import functools
 import json
 import logging
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -139,6 +142,33 @@ def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats
         sync(device)
         times.append(time.perf_counter() - t)
     return times, mem.measure(fn, resident)
+
+
+def time_interleaved(variants: List[Tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
+                     warmup: int, repeats: int, mem: PeakMemory, resident: int):
+    """Times of variants (prepare, fn) timed in turn: ``repeats`` rounds of one run of each, after
+    ``warmup`` runs of each, so that a change in the machine's speed during the row reaches all
+    variants alike (on the shared 2-core CPU a row's runs vary by 15%). ``prepare`` switches the
+    model to the variant and is not timed. Then the peak memory of one more run of each."""
+    for prepare, fn in variants:
+        prepare()
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times: List[List[float]] = [[] for _ in variants]
+    for _ in range(repeats):
+        for (prepare, fn), out in zip(variants, times):
+            prepare()
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t)
+    peaks = []
+    for prepare, fn in variants:
+        prepare()
+        peaks.append(mem.measure(fn, resident))
+    return times, peaks
 
 
 def dispatched_ops(fn: Callable[[], None]) -> int:
@@ -253,6 +283,22 @@ class Bench:
     def record(self, name: str, impl: str, dtype: str, act_ckpt: bool, batch: int, fn, resident: int,
                gmacs: Optional[float] = None, passes: int = 1, extra: Optional[dict] = None) -> Dict:
         times, peak = time_runs(fn, self.device, self.args.warmup, self.args.repeats, self.mem, resident)
+        return self.add_row(name, impl, dtype, act_ckpt, batch, times, peak, gmacs, passes, extra)
+
+    def record_interleaved(self, name: str, dtype: str, batch: int, variants: List[dict], resident: int,
+                           passes: int = 1) -> List[Dict]:
+        """Rows of variants timed in turn (see time_interleaved). A variant is a dict with impl,
+        act_ckpt, prepare, fn and optionally gmacs and extra."""
+        times, peaks = time_interleaved([(v["prepare"], v["fn"]) for v in variants], self.device,
+                                        self.args.warmup, self.args.repeats, self.mem, resident)
+        return [
+            self.add_row(name, v["impl"], dtype, v["act_ckpt"], batch, t, peak, v.get("gmacs"), passes, v.get("extra"))
+            for v, t, peak in zip(variants, times, peaks)
+        ]
+
+    def add_row(self, name: str, impl: str, dtype: str, act_ckpt: bool, batch: int, times: List[float],
+                peak: Optional[float], gmacs: Optional[float] = None, passes: int = 1,
+                extra: Optional[dict] = None) -> Dict:
         t = statistics.median(times)
         row = dict(name=name, impl=impl, dtype=dtype, act_ckpt=act_ckpt, batch=batch, median_s=t,
                    times_s=times, peak_gib=peak, images_per_s=batch / t, gmacs_fwd_per_image=gmacs)
@@ -291,21 +337,24 @@ class Bench:
                 self.backbone_step(net, x, self.dtypes[-1])
             )
         net.zero_grad(set_to_none=True)
+        def variant(impl: str, act_ckpt: bool, fn: Callable[[], None]) -> dict:
+            return dict(impl=impl, act_ckpt=act_ckpt, fn=fn, gmacs=gmacs,
+                        prepare=lambda: set_impl(net, impl, act_ckpt))
+
         for dtype in self.dtypes:
-            for impl in ("fast", "eager"):
-                set_impl(net, impl, False)
 
-                def fwd():
-                    with torch.no_grad(), self.autocast(dtype):
-                        net(x)
+            def fwd():
+                with torch.no_grad(), self.autocast(dtype):
+                    net(x)
 
-                self.record("backbone fwd", impl, dtype, False, a.batch, fwd, resident, gmacs, 1)
-            for act_ckpt in (False, True):
-                for impl in ("fast", "eager") if self.full_matrix or not act_ckpt else ("fast",):
-                    set_impl(net, impl, act_ckpt)
-                    fwd_bwd = self.backbone_step(net, x, dtype)
-                    self.record("backbone fwd+bwd", impl, dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
-                    net.zero_grad(set_to_none=True)
+            self.record_interleaved("backbone fwd", dtype, a.batch,
+                                    [variant(impl, False, fwd) for impl in ("fast", "eager")], resident, 1)
+            fwd_bwd = self.backbone_step(net, x, dtype)
+            pairs = [(impl, ckpt) for ckpt in (False, True) for impl in ("fast", "eager")
+                     if self.full_matrix or not ckpt or impl == "fast"]
+            self.record_interleaved("backbone fwd+bwd", dtype, a.batch,
+                                    [variant(impl, ckpt, fwd_bwd) for impl, ckpt in pairs], resident, 3)
+            net.zero_grad(set_to_none=True)
         if a.compile:
             self.backbone_compiled(net, x, resident, gmacs)
         del net
@@ -358,20 +407,22 @@ class Bench:
             ]
             resident = param_bytes(model) * 3  # weights + AdamW's two moments (the grads are in the peak)
             for dtype in self.dtypes:
-                for impl in ("fast", "eager"):
-                    set_impl(model, impl, act_ckpt)
 
-                    def step():
-                        torch.manual_seed(0)  # the same proposal sampling in every run
-                        with EventStorage(0), self.autocast(dtype):
-                            losses = model(batch)
-                        loss = sum(losses.values())
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                def step():
+                    torch.manual_seed(0)  # the same proposal sampling in every run
+                    with EventStorage(0), self.autocast(dtype):
+                        losses = model(batch)
+                    loss = sum(losses.values())
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
 
-                    # memory is measured after the timed runs, when AdamW's state exists
-                    self.record("maskrcnn train iter", impl, dtype, act_ckpt, a.batch, step, resident)
+                # memory is measured after the timed runs, when AdamW's state exists
+                self.record_interleaved("maskrcnn train iter", dtype, a.batch, [
+                    dict(impl=impl, act_ckpt=act_ckpt, fn=step,
+                         prepare=lambda impl=impl: set_impl(model, impl, act_ckpt))
+                    for impl in ("fast", "eager")
+                ], resident)
             del model, opt
 
     def pretrain(self):
@@ -411,21 +462,25 @@ class Bench:
         masked = int(mask[0].sum())
         for dtype in self.dtypes:
             variants = [("fast", True, False), ("eager", False, False)] + ([("fast", True, True)] if self.full_matrix else [])
-            for impl, sparse_mode, ckpt in variants:
+
+            def step():
+                model.zero_grad(set_to_none=True)
+                with self.autocast(dtype):
+                    loss = model(imgs, mask=mask)[0]
+                loss.backward()
+
+            def prepare(impl: str, sparse_mode: bool, ckpt: bool) -> None:
                 model.set_impl(impl)
                 model.sparse = sparse_mode
                 model.use_act_checkpoint = ckpt
 
-                def step():
-                    model.zero_grad(set_to_none=True)
-                    with self.autocast(dtype):
-                        loss = model(imgs, mask=mask)[0]
-                    loss.backward()
-
-                self.record("pretrain step", impl, dtype, ckpt, B, step, resident,
-                            sparse if sparse_mode else dense, 3,
-                            dict(targets_per_s=None, conv_stages="sparse" if sparse_mode else "dense"))
-                self.rows[-1]["targets_per_s"] = B * masked / self.rows[-1]["median_s"]
+            rows = self.record_interleaved("pretrain step", dtype, B, [
+                dict(impl=impl, act_ckpt=ckpt, fn=step, prepare=functools.partial(prepare, impl, sparse_mode, ckpt),
+                     gmacs=sparse if sparse_mode else dense, extra=dict(conv_stages="sparse" if sparse_mode else "dense"))
+                for impl, sparse_mode, ckpt in variants
+            ], resident, 3)
+            for row in rows:
+                row["targets_per_s"] = B * masked / row["median_s"]
             # complementary masking: 4 disjoint views of B/4 images, the same encoder batch
             model.set_impl("fast")
             model.sparse, model.use_act_checkpoint = True, False
