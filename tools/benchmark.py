@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="images per backbone / Mask R-CNN row (default 2 GPU, 1 CPU)")
     p.add_argument("--pretrain-batch", type=int, default=None, help="images per pretraining step (default 128 GPU, 4 CPU)")
     p.add_argument("--pretrain-img-size", type=int, default=224, help="pretraining image size (multiple of 16)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 3 CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 3 GPU, 1 CPU)")
     p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"], help="encoder size (Base is the target)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -72,7 +72,7 @@ def parse_args(argv=None):
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 3), ("warmup", 3, 1)):
+    for name, g, c in (("img_size", 1024, 512), ("batch", 2, 1), ("pretrain_batch", 128, 4), ("repeats", 10, 5), ("warmup", 3, 1)):
         if getattr(args, name) is None:
             setattr(args, name, g if gpu else c)
     if args.repeats < 1 or args.warmup < 0:
