@@ -39,3 +39,30 @@ def test_benchmark_writes_every_row_and_check(tmp_path):
     # measured, not asserted: at this size the weights dominate and page granularity decides
     assert isinstance(checks["act_ckpt_memory_cut_fp32"], float)
     assert result["targets"]["backbone_fast_vs_eager_max_abs_diff"]["met"]
+
+
+def test_cpu_peak_memory_counts_live_tensors_whatever_ran_before():
+    import torch
+
+    import benchmark
+
+    mem = benchmark.PeakMemory(torch.device("cpu"))
+
+    def temporaries():
+        a = torch.empty(2**20)  # 4 MiB, freed before the next two exist
+        del a
+        b = torch.ones(2**19)
+        c = b + 1  # noqa: F841  2 + 2 MiB alive together: the peak
+    assert mem.measure(temporaries, 0) * 2**30 == 4 * 2**20
+
+    lin = torch.nn.Linear(256, 256)
+    x = torch.randn(64, 256)
+
+    def step():  # frees the previous run's gradients, as the benchmark's steps do
+        lin.zero_grad(set_to_none=True)
+        lin(x).square().sum().backward()
+
+    step()
+    readings = [mem.measure(step, 0) for _ in range(3)]
+    # the profiler's memory events read every run after the first low by the gradients' size
+    assert readings[0] == readings[1] == readings[2] > 0

@@ -28,7 +28,7 @@ FLOPs are counted by fvcore on the eager path (fvcore sees explicit matmuls, not
 and are reported as GMACs per image for the forward pass (fvcore's unit); achieved TFLOP/s
 counts 2 FLOPs per MAC and a backward pass as twice the forward. Peak memory comes from one
 more run after the timed ones: on the GPU torch.cuda.max_memory_allocated; on the CPU the peak
-of PyTorch's allocations during that run (profiler memory events) plus the weights.
+bytes of the tensors that run creates plus the weights.
 
 --compile adds the backbone's fwd+bwd rows with torch.compile'd blocks (MODEL.CONVMAE.COMPILE),
 in the last dtype only; the compile time is printed among the checks.
@@ -95,11 +95,15 @@ def parse_args(argv=None):
 class PeakMemory:
     """Peak memory of one more run of a block of work, after its timed runs.
 
-    GPU: torch.cuda.max_memory_allocated. CPU: the peak of the bytes PyTorch's allocator holds
-    during the run over what it held at the start, from the profiler's memory events, plus the
-    weights (``resident_bytes``). The process's resident set does not serve: glibc keeps freed
-    memory, and forcing it to give memory back at once (mmap above 128 KiB) made every large
-    allocation fault its pages in again, which slowed the CPU rows by up to 30%.
+    GPU: torch.cuda.max_memory_allocated. CPU: the peak of the bytes held by the tensors the
+    run creates (the storages of every op's outputs, counted until they are freed; gradients,
+    activations saved for the backward and temporaries alike), plus the weights
+    (``resident_bytes``); buffers a kernel allocates inside itself are not seen. The process's
+    resident set does not serve: glibc keeps freed memory, and forcing it to give memory back at
+    once made every large allocation fault its pages in again, which slowed the CPU rows by up
+    to 30%. Nor do the profiler's memory events: it remembers blocks from an earlier profiled
+    run, so a run that freed an earlier measured run's gradients read low by their size
+    (0.43 GiB for ConvMAE-B pretraining, depending on the order of the measurements).
     """
 
     def __init__(self, device: torch.device):
@@ -112,17 +116,49 @@ class PeakMemory:
             fn()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() / 2**30
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with LiveTensorBytes() as live:
             fn()
-        # allocations are charged to the op that made them, frees are "[memory]" events
-        deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-        held = peak = 0
-        for _, d in deltas:
-            held += d
-            peak = max(peak, held)
-        return (peak + resident_bytes) / 2**30
+        return (live.peak + resident_bytes) / 2**30
+
+
+class LiveTensorBytes:
+    """Context manager: the peak bytes of the storages created by ops while it is active."""
+
+    def __enter__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live: Dict[int, Tuple[object, int]] = {}  # storage address -> (weak reference, bytes)
+        self.held = self.peak = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.release_freed()
+                # outputs that alias an input (views, in-place and out= ops) hold no new memory
+                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        st = t.untyped_storage()
+                        if st.nbytes() and st.data_ptr() not in tracker.live and st.data_ptr() not in inputs:
+                            tracker.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+                            tracker.held += st.nbytes()
+                tracker.peak = max(tracker.peak, tracker.held)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def release_freed(self) -> None:
+        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+            self.held -= self.live.pop(ptr)[1]
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.live.clear()
 
 
 def sync(device: torch.device) -> None:
