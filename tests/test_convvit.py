@@ -114,6 +114,17 @@ def test_fused_rel_pos_attention_equals_explicit_bias(hw, dim, heads):
         assert (a - b).abs().max() < 1e-5 * (1 + b.abs().max()), name
 
 
+def test_rel_pos_attention_compiles_to_one_graph():
+    """torch.compile traces the fused relative-position attention whole (reading a tensor's
+    storage offset in it split the graph into 9 pieces)."""
+    import torch._dynamo
+    from convmae_det.modeling.convvit import Attention
+
+    attn = Attention(36, 3, use_rel_pos=True, rel_pos_size=(4, 5))
+    explained = torch._dynamo.explain(lambda x: attn(x, (4, 5)))(torch.randn(2, 20, 36))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_window_attention_stays_in_bf16_under_autocast(monkeypatch):
     """The padded window path adds the qkv bias in the activations' dtype: under bf16 autocast
     the attention gets bf16 inputs, not fp32 ones promoted by an fp32 bias."""

@@ -297,13 +297,22 @@ class Attention(nn.Module):
         return out[..., :d]
 
 
-def _rel_windows(P: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rel_windows(P: torch.Tensor, pad: int, fresh: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The windows P[..., ih : ih + H] and P[..., 2H-1 + iw : 2H-1 + iw + W + pad] of a contiguous
-    B nh H W K tensor, for every grid cell (ih, iw), as strided views (disjoint, no overlap)."""
-    B, nh, H, W, _ = P.shape
-    s, o = P.stride(), P.storage_offset()
-    rel_h = P.as_strided((B, nh, H, W, H), (s[0], s[1], s[2] + 1, s[3], 1), o)
-    rel_w = P.as_strided((B, nh, H, W, W + pad), (s[0], s[1], s[2], s[3] + 1, 1), o + 2 * H - 1)
+    B nh H W K tensor, for every grid cell (ih, iw), as strided views (disjoint, no overlap).
+
+    The strides come from the shape, not from ``stride()`` and ``storage_offset()``, which
+    torch.compile cannot trace (the graph broke there). The second window is cut from a slice,
+    or, for a ``fresh`` tensor (storage offset 0) that is to be written through the views, by an
+    explicit offset: compile cannot write through an as_strided view of a slice."""
+    B, nh, H, W, K = P.shape
+    s = (nh * H * W * K, H * W * K, W * K, K)
+    rel_h = P.as_strided((B, nh, H, W, H), (s[0], s[1], s[2] + 1, s[3], 1))
+    size_w, stride_w = (B, nh, H, W, W + pad), (s[0], s[1], s[2], s[3] + 1, 1)
+    if fresh:
+        rel_w = P.as_strided(size_w, stride_w, 2 * H - 1)
+    else:
+        rel_w = P[..., 2 * H - 1 :].as_strided(size_w, stride_w)
     return rel_h, rel_w
 
 
@@ -322,7 +331,7 @@ class _RelativeShift(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         d, H = ctx.d, ctx.shape[2]
         grad_p = grad.new_zeros(ctx.shape)
-        grad_h, grad_w = _rel_windows(grad_p, ctx.pad)
+        grad_h, grad_w = _rel_windows(grad_p, ctx.pad, fresh=True)
         grad_h.copy_(grad[..., d : d + H])
         grad_w.copy_(grad[..., d + H :])
         return grad[..., :d], grad_p, None
