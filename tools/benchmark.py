@@ -103,7 +103,8 @@ class PeakMemory:
     once made every large allocation fault its pages in again, which slowed the CPU rows by up
     to 30%. Nor do the profiler's memory events: it remembers blocks from an earlier profiled
     run, so a run that freed an earlier measured run's gradients read low by their size
-    (0.43 GiB for ConvMAE-B pretraining, depending on the order of the measurements).
+    (0.43 GiB for ConvMAE-B pretraining, depending on the order of the measurements). Under a
+    dispatch mode torch.compile runs the eager code, so compiled rows get no CPU peak.
     """
 
     def __init__(self, device: torch.device):
@@ -166,8 +167,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, mem: PeakMemory, resident: int):
-    """Times of ``repeats`` runs after ``warmup`` runs, then the peak memory of one more run."""
+def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, mem: Optional[PeakMemory],
+              resident: int):
+    """Times of ``repeats`` runs after ``warmup`` runs, then the peak memory of one more run
+    (None without ``mem``)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -177,7 +180,7 @@ def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return times, mem.measure(fn, resident)
+    return times, mem.measure(fn, resident) if mem is not None else None
 
 
 def time_interleaved(variants: List[Tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
@@ -317,8 +320,10 @@ class Bench:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
 
     def record(self, name: str, impl: str, dtype: str, act_ckpt: bool, batch: int, fn, resident: int,
-               gmacs: Optional[float] = None, passes: int = 1, extra: Optional[dict] = None) -> Dict:
-        times, peak = time_runs(fn, self.device, self.args.warmup, self.args.repeats, self.mem, resident)
+               gmacs: Optional[float] = None, passes: int = 1, extra: Optional[dict] = None,
+               memory: bool = True) -> Dict:
+        times, peak = time_runs(fn, self.device, self.args.warmup, self.args.repeats, self.mem if memory else None,
+                                resident)
         return self.add_row(name, impl, dtype, act_ckpt, batch, times, peak, gmacs, passes, extra)
 
     def record_interleaved(self, name: str, dtype: str, batch: int, variants: List[dict], resident: int,
@@ -417,7 +422,9 @@ class Bench:
                 fwd_bwd()  # compiles (or reuses the graphs compiled without checkpointing)
                 sync(self.device)
                 self.checks[f"backbone_compile_s_{dtype}{'_ckpt' if act_ckpt else ''}"] = time.perf_counter() - t0
-                self.record("backbone fwd+bwd", "compiled", dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3)
+                # no CPU peak: under the dispatch mode that counts it, torch.compile runs the eager code
+                self.record("backbone fwd+bwd", "compiled", dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3,
+                            memory=self.device.type == "cuda")
             except Exception as e:  # a compiler failure must not cost the rest of the run
                 print(f"  backbone fwd+bwd compiled {dtype} ckpt={act_ckpt}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 self.checks[f"backbone_compiled_error_{dtype}"] = f"{type(e).__name__}: {str(e)[:300]}"
