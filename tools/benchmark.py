@@ -46,6 +46,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from convmae_det.utils.flops import gmacs as count_gmacs, pretrain_step_gmacs  # noqa: E402
 
@@ -122,44 +125,28 @@ class PeakMemory:
         return (live.peak + resident_bytes) / 2**30
 
 
-class LiveTensorBytes:
-    """Context manager: the peak bytes of the storages created by ops while it is active."""
+class LiveTensorBytes(TorchDispatchMode):
+    """While active: the peak bytes held at once by the storages that ops create."""
 
-    def __enter__(self):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_leaves
-
-        tracker = self
-        self.live: Dict[int, Tuple[object, int]] = {}  # storage address -> (weak reference, bytes)
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, Tuple[StorageWeakRef, int]] = {}  # storage address -> (weak reference, bytes)
         self.held = self.peak = 0
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                tracker.release_freed()
-                # outputs that alias an input (views, in-place and out= ops) hold no new memory
-                inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        st = t.untyped_storage()
-                        if st.nbytes() and st.data_ptr() not in tracker.live and st.data_ptr() not in inputs:
-                            tracker.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
-                            tracker.held += st.nbytes()
-                tracker.peak = max(tracker.peak, tracker.held)
-                return out
-
-        self.mode = Mode()
-        self.mode.__enter__()
-        return self
-
-    def release_freed(self) -> None:
-        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ptr in [p for p, (ref, _) in self.live.items() if ref.expired()]:  # freed since the last op
             self.held -= self.live.pop(ptr)[1]
-
-    def __exit__(self, *exc):
-        self.mode.__exit__(*exc)
-        self.live.clear()
+        # outputs that alias an input (views, in-place and out= ops) hold no new memory
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if st.nbytes() and st.data_ptr() not in self.live and st.data_ptr() not in inputs:
+                    self.live[st.data_ptr()] = (StorageWeakRef(st), st.nbytes())
+                    self.held += st.nbytes()
+        self.peak = max(self.peak, self.held)
+        return out
 
 
 def sync(device: torch.device) -> None:
@@ -167,28 +154,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_runs(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, mem: Optional[PeakMemory],
-              resident: int):
-    """Times of ``repeats`` runs after ``warmup`` runs, then the peak memory of one more run
-    (None without ``mem``)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return times, mem.measure(fn, resident) if mem is not None else None
-
-
 def time_interleaved(variants: List[Tuple[Callable[[], None], Callable[[], None]]], device: torch.device,
-                     warmup: int, repeats: int, mem: PeakMemory, resident: int):
+                     warmup: int, repeats: int, mem: Optional[PeakMemory], resident: int):
     """Times of variants (prepare, fn) timed in turn: ``repeats`` rounds of one run of each, after
     ``warmup`` runs of each, so that a change in the machine's speed during the row reaches all
     variants alike (on the shared 2-core CPU a row's runs vary by 15%). ``prepare`` switches the
-    model to the variant and is not timed. Then the peak memory of one more run of each."""
+    model to the variant and is not timed. Then the peak memory of one more run of each (None
+    without ``mem``)."""
     for prepare, fn in variants:
         prepare()
         for _ in range(warmup):
@@ -206,26 +178,24 @@ def time_interleaved(variants: List[Tuple[Callable[[], None], Callable[[], None]
     peaks = []
     for prepare, fn in variants:
         prepare()
-        peaks.append(mem.measure(fn, resident))
+        peaks.append(mem.measure(fn, resident) if mem is not None else None)
     return times, peaks
+
+
+class _DispatchedOps(TorchDispatchMode):
+    FREE = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "_unsafe_view", "_local_scalar_dense"}
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.FREE:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
 
 
 def dispatched_ops(fn: Callable[[], None]) -> int:
     """The number of ATen ops that ``fn`` dispatches, views excluded: on a GPU, about one kernel
     launch each, which bounds a step when the kernels are shorter than their launch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    free = {"empty", "empty_strided", "detach", "lift_fresh", "alias", "_unsafe_view", "_local_scalar_dense"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func.overloadpacket.__name__ not in free:
-                self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count() as counter:
+    with _DispatchedOps() as counter:
         fn()
     return counter.n
 
@@ -322,16 +292,16 @@ class Bench:
     def record(self, name: str, impl: str, dtype: str, act_ckpt: bool, batch: int, fn, resident: int,
                gmacs: Optional[float] = None, passes: int = 1, extra: Optional[dict] = None,
                memory: bool = True) -> Dict:
-        times, peak = time_runs(fn, self.device, self.args.warmup, self.args.repeats, self.mem if memory else None,
-                                resident)
-        return self.add_row(name, impl, dtype, act_ckpt, batch, times, peak, gmacs, passes, extra)
+        """The row of one variant, timed alone."""
+        variant = dict(impl=impl, act_ckpt=act_ckpt, prepare=lambda: None, fn=fn, gmacs=gmacs, extra=extra)
+        return self.record_interleaved(name, dtype, batch, [variant], resident, passes, memory)[0]
 
     def record_interleaved(self, name: str, dtype: str, batch: int, variants: List[dict], resident: int,
-                           passes: int = 1) -> List[Dict]:
+                           passes: int = 1, memory: bool = True) -> List[Dict]:
         """Rows of variants timed in turn (see time_interleaved). A variant is a dict with impl,
         act_ckpt, prepare, fn and optionally gmacs and extra."""
         times, peaks = time_interleaved([(v["prepare"], v["fn"]) for v in variants], self.device,
-                                        self.args.warmup, self.args.repeats, self.mem, resident)
+                                        self.args.warmup, self.args.repeats, self.mem if memory else None, resident)
         return [
             self.add_row(name, v["impl"], dtype, v["act_ckpt"], batch, t, peak, v.get("gmacs"), passes, v.get("extra"))
             for v, t, peak in zip(variants, times, peaks)
