@@ -52,11 +52,18 @@ def add_convmae_config(cfg: CN) -> CN:
 
     _C.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     _C.SOLVER.BETAS = (0.9, 0.999)
-    # layer-wise lr decay: stage-3 block i gets LR * DECAY ** (depth - i), stages 1-2 and the
-    # patch/position embeddings DECAY ** (depth + 1); 1.0 disables it
+    # layer-wise lr decay, the official ConvMAE-Det rule (get_vit_lr_decay_rate): stage-3 block i
+    # gets LR * DECAY ** (depth - i), the patch embeddings and stages 1-2 DECAY ** (depth + 1),
+    # everything else LR, the position embedding included (ViTDet's ViT rule decays pos_embed
+    # like the patch embedding; ConvMAE-Det's does not); 1.0 disables it
     _C.SOLVER.LAYER_DECAY = 1.0
     # weight decay of position embeddings (ViTDet and ConvMAE-Det: 0)
     _C.SOLVER.WEIGHT_DECAY_POS_EMBED = 0.0
+    # False (official recipe): WEIGHT_DECAY_NORM applies to torch.nn norm types only, so the
+    # pyramid's and heads' channel LayerNorms (detectron2's LayerNorm officially) are decayed by
+    # WEIGHT_DECAY like weights. True: they get WEIGHT_DECAY_NORM as well (a deliberate
+    # alternative, no decay on any norm; not the recipe behind the published results)
+    _C.SOLVER.WEIGHT_DECAY_NORM_ALL_LN = False
 
     # Large-scale jitter (ViTDet's COCO recipe): flip, ResizeScale, FixedSizeCrop
     _C.INPUT.LSJ = CN()
@@ -64,6 +71,10 @@ def add_convmae_config(cfg: CN) -> CN:
     _C.INPUT.LSJ.IMAGE_SIZE = 1024
     _C.INPUT.LSJ.MIN_SCALE = 0.1
     _C.INPUT.LSJ.MAX_SCALE = 2.0
+    # False (official recipe: FixedSizeCrop(pad=False)): an image smaller than the crop stays
+    # small, the model zero-pads it to MODEL.CONVMAE.SQUARE_PAD and its image_sizes stay real.
+    # True: the mapper pads it to IMAGE_SIZE with PAD_VALUE, and the border counts as image
+    _C.INPUT.LSJ.PAD = False
     _C.INPUT.LSJ.PAD_VALUE = 128.0
 
     # COCOEvaluator: "auto" uses the compiled fast evaluator when detectron2 has it

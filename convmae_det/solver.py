@@ -6,28 +6,40 @@ import torch.nn as nn
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from .modeling.convvit import ConvViT
+from .modeling.layers import D2LayerNorm
 
 __all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer"]
 
+# The norm types of detectron2's get_default_optimizer_params, which the official recipe uses:
+# their parameters get WEIGHT_DECAY_NORM. detectron2's own channel LayerNorm (D2LayerNorm here)
+# is not among them.
 NORM_TYPES = (
-    nn.LayerNorm,
-    nn.GroupNorm,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    nn.BatchNorm3d,
     nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
     nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
 )
 
 
 def convmae_layer_id(name: str, num_layers: int, prefix: str) -> int:
-    """Layer of a parameter for lr decay: embeddings and stages 1-2 are 0, stage-3 block i is
-    i + 1, everything outside the encoder (pyramid, heads) is num_layers + 1."""
+    """Layer of a parameter for lr decay, the official ConvMAE-Det ``get_vit_lr_decay_rate``:
+    patch embeddings and stages 1-2 are layer 0, stage-3 block i is i + 1, and everything else
+    is num_layers + 1 (undecayed): the pyramid, the heads and also the encoder's ``pos_embed``
+    (ViTDet's ViT rule puts pos_embed at layer 0; ConvMAE-Det's does not)."""
     if not name.startswith(prefix):
         return num_layers + 1
     rest = name[len(prefix):]
     if rest.startswith("blocks3."):
         return int(rest.split(".")[1]) + 1
-    return 0
+    if rest.startswith(("patch_embed", "blocks1.", "blocks2.")):
+        return 0
+    return num_layers + 1
 
 
 def _find_encoder(model: nn.Module):
@@ -45,15 +57,21 @@ def get_param_groups(
     weight_decay_bias: float = None,
     weight_decay_pos_embed: float = 0.0,
     layer_decay: float = 1.0,
+    norm_includes_d2_layernorm: bool = False,
 ) -> List[Dict]:
     """Parameter groups: lr = base_lr * layer_decay ** (num_layers + 1 - layer_id); weight decay
     ``weight_decay_norm`` for norm layers, ``weight_decay_pos_embed`` for position embeddings,
-    ``weight_decay_bias`` (default: weight_decay) for biases."""
+    ``weight_decay_bias`` (default: weight_decay) for biases.
+
+    Norm layers are those of :data:`NORM_TYPES`, as in detectron2's
+    ``get_default_optimizer_params`` (the official recipe): the pyramid's and heads' channel
+    LayerNorms (:class:`D2LayerNorm`) are decayed like weights unless
+    ``norm_includes_d2_layernorm``."""
     prefix, encoder = _find_encoder(model)
     num_layers = encoder.depths[2] if encoder is not None else 0
     norm_params = set()
     for module in model.modules():
-        if isinstance(module, NORM_TYPES):
+        if isinstance(module, NORM_TYPES) and (norm_includes_d2_layernorm or not isinstance(module, D2LayerNorm)):
             norm_params.update(id(p) for p in module.parameters(recurse=False))
     wd_bias = weight_decay if weight_decay_bias is None else weight_decay_bias
     groups: Dict[tuple, Dict] = {}
@@ -88,6 +106,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=s.WEIGHT_DECAY_BIAS,
         weight_decay_pos_embed=s.WEIGHT_DECAY_POS_EMBED,
         layer_decay=s.LAYER_DECAY,
+        norm_includes_d2_layernorm=s.WEIGHT_DECAY_NORM_ALL_LN,
     )
     name = s.OPTIMIZER.upper()
     if name == "ADAMW":

@@ -181,9 +181,14 @@ def test_layer_decay_and_weight_decay_groups():
     assert by_param[id(named[f"backbone.net.blocks3.{depth - 1}.mlp.fc1.weight"])]["lr"] == 0.5
     assert by_param[id(named["roi_heads.box_predictor.cls_score.weight"])]["lr"] == 1.0
     assert by_param[id(named["backbone.net.blocks3.0.norm1.weight"])]["weight_decay"] == 0.0
-    assert by_param[id(named["backbone.simfp_3.0.norm.weight"])]["weight_decay"] == 0.0
+    # the pyramid's channel LayerNorm is detectron2's LayerNorm officially: decayed like a weight
+    assert by_param[id(named["backbone.simfp_3.0.norm.weight"])]["weight_decay"] == 0.1
     assert by_param[id(named["backbone.net.pos_embed"])]["weight_decay"] == 0.0
     assert by_param[id(named["backbone.net.blocks3.0.attn.qkv.weight"])]["weight_decay"] == 0.1
+    assert by_param[id(named["backbone.net.pos_embed"])]["lr"] == 1.0  # ConvMAE-Det: pos_embed undecayed
+    groups = get_param_groups(model, base_lr=1.0, weight_decay=0.1, norm_includes_d2_layernorm=True)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(named["backbone.simfp_3.0.norm.weight"])]["weight_decay"] == 0.0
 
 
 def test_canonical_box_size_moves_small_boxes_to_deeper_levels():

@@ -2,7 +2,7 @@
 from .backbone import build_convmae_msfp_backbone, build_convmae_sfp_backbone, build_convvit_from_cfg
 from .convvit import CONVVIT_SIZES, Attention, ConvBlock, ConvViT, PatchEmbed, TransformerBlock, convvit_kwargs
 from .heads import ConvMAEConvFCHead, ConvMAEMaskHead, ConvMAEROIHeads, resolve_norm
-from .layers import LayerNorm2d
+from .layers import D2LayerNorm, LayerNorm2d
 from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "TransformerBlock",
     "convvit_kwargs",
     "LayerNorm2d",
+    "D2LayerNorm",
     "SimpleFeaturePyramid",
     "MultiScaleSimpleFeaturePyramid",
     "ConvMAEConvFCHead",

@@ -9,13 +9,13 @@ from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY, ROI_HEADS_REGIS
 from detectron2.modeling.roi_heads.box_head import FastRCNNConvFCHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 
-from .layers import LayerNorm2d
+from .layers import D2LayerNorm
 
 __all__ = ["resolve_norm", "ConvMAEConvFCHead", "ConvMAEMaskHead", "ConvMAEROIHeads"]
 
 
-def _layer_norm_2d(channels: int) -> LayerNorm2d:
-    return LayerNorm2d(channels, eps=1e-6)
+def _layer_norm_2d(channels: int) -> D2LayerNorm:
+    return D2LayerNorm(channels, eps=1e-6)
 
 
 def resolve_norm(norm):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LayerNorm2d",
+    "D2LayerNorm",
     "window_partition",
     "window_unpartition",
     "get_rel_pos",
@@ -33,6 +34,17 @@ class LayerNorm2d(nn.LayerNorm):
         # B C H W -> B H W C -> normalise over C -> B C H W
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
+
+
+class D2LayerNorm(LayerNorm2d):
+    """The channel LayerNorm of the pyramid and the heads: ``detectron2.layers.LayerNorm``
+    (ViTDet's "LN") in the official model.
+
+    Same computation as :class:`LayerNorm2d`; a class of its own because the official recipe
+    treats it differently: detectron2's ``LayerNorm`` is no ``torch.nn`` norm type, so
+    ``get_default_optimizer_params(weight_decay_norm=0)`` decays its parameters like weights,
+    while the encoder's conv-stage norms (``torch.nn.LayerNorm`` officially) get no decay.
+    """
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -21,7 +21,7 @@ from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from .convvit import ConvViT, _layer_norm_nhwc
-from .layers import LayerNorm2d
+from .layers import D2LayerNorm, LayerNorm2d
 
 __all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square", "run_stage_nhwc"]
 
@@ -91,8 +91,8 @@ def run_stage_nhwc(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
 def _out_convs(in_dim: int, out_channels: int, norm_eps: float = 1e-6):
     """1x1 conv + LN, then 3x3 conv + LN, both without bias (ViTDet)."""
     return [
-        Conv2d(in_dim, out_channels, 1, bias=False, norm=LayerNorm2d(out_channels, eps=norm_eps)),
-        Conv2d(out_channels, out_channels, 3, padding=1, bias=False, norm=LayerNorm2d(out_channels, eps=norm_eps)),
+        Conv2d(in_dim, out_channels, 1, bias=False, norm=D2LayerNorm(out_channels, eps=norm_eps)),
+        Conv2d(out_channels, out_channels, 3, padding=1, bias=False, norm=D2LayerNorm(out_channels, eps=norm_eps)),
     ]
 
 
@@ -165,7 +165,7 @@ class SimpleFeaturePyramid(_PyramidBase):
             if scale == 4.0:
                 layers = [
                     nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-                    LayerNorm2d(dim // 2, eps=norm_eps),
+                    D2LayerNorm(dim // 2, eps=norm_eps),
                     nn.GELU(),
                     nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
                 ]
