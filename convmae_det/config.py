@@ -29,7 +29,7 @@ def add_convmae_config(cfg: CN) -> CN:
     # recompute block activations in backward (on the CPU keeping the attention kernels' outputs)
     _C.MODEL.CONVMAE.USE_ACT_CHECKPOINT = False
     # torch.compile each encoder block (GPU training speed; the first step of each input shape
-    # pays the compilation)
+    # pays the compilation). Ignored on the CPU, where compiling costs minutes and gains little
     _C.MODEL.CONVMAE.COMPILE = False
     # "fast" (fused attention, channels-last conv stages) or "eager" (explicit attention
     # matrices, NCHW conv stages: what the official code computes); same weights, same outputs
@@ -51,6 +51,9 @@ def add_convmae_config(cfg: CN) -> CN:
     # on every detectron2 release, including 0.6, which has no get_norm("LN").
 
     _C.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    # fused optimizer kernels (torch.optim fused=True) when the model is on CUDA and
+    # SOLVER.CLIP_GRADIENTS is off; same update, fewer kernel launches
+    _C.SOLVER.FUSED = True
     _C.SOLVER.BETAS = (0.9, 0.999)
     # layer-wise lr decay, the official ConvMAE-Det rule (get_vit_lr_decay_rate): stage-3 block i
     # gets LR * DECAY ** (depth - i), the patch embeddings and stages 1-2 DECAY ** (depth + 1),

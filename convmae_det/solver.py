@@ -8,7 +8,7 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from .modeling.convvit import ConvViT
 from .modeling.layers import D2LayerNorm
 
-__all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer"]
+__all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer", "use_fused_optimizer"]
 
 # The norm types of detectron2's get_default_optimizer_params, which the official recipe uses:
 # their parameters get WEIGHT_DECAY_NORM. detectron2's own channel LayerNorm (D2LayerNorm here)
@@ -109,8 +109,23 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         norm_includes_d2_layernorm=s.WEIGHT_DECAY_NORM_ALL_LN,
     )
     name = s.OPTIMIZER.upper()
+    extra = {"fused": True} if use_fused_optimizer(cfg, model) else {}
     if name == "ADAMW":
-        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=s.BASE_LR, betas=tuple(s.BETAS))
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=s.BASE_LR, betas=tuple(s.BETAS), **extra)
     if name == "SGD":
-        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV)
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+            groups, lr=s.BASE_LR, momentum=s.MOMENTUM, nesterov=s.NESTEROV, **extra
+        )
     raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {s.OPTIMIZER!r}")
+
+
+def use_fused_optimizer(cfg, model: nn.Module) -> bool:
+    """SOLVER.FUSED and every parameter on CUDA and no gradient clipping: one fused kernel per
+    parameter group instead of several per tensor. With clipping, detectron2's wrapper clips
+    inside ``step``, where a fused optimizer under AMP would still see the scaled gradients,
+    so clipping keeps the unfused step."""
+    return bool(
+        cfg.SOLVER.FUSED
+        and not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
+        and all(p.is_cuda for p in model.parameters())
+    )

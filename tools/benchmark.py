@@ -50,6 +50,7 @@ from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+from convmae_det.solver import build_optimizer, use_fused_optimizer  # noqa: E402
 from convmae_det.utils.flops import gmacs as count_gmacs, pretrain_step_gmacs  # noqa: E402
 
 BACKBONE_CONFIG = "configs/COCO/mask_rcnn_convmae_base_25ep.yaml"
@@ -69,6 +70,7 @@ def parse_args(argv=None):
                    help="add backbone rows with torch.compile'd blocks (default: on GPU only; compiling Base takes minutes on a small CPU)")
     p.add_argument("--rows", default=None,
                    help="comma-separated subset of backbone,maskrcnn,pretrain (default: all on GPU, backbone,pretrain on CPU)")
+    p.add_argument("--dtypes", default=None, help="comma-separated fp32,bf16 (default: both on GPU, fp32 on CPU)")
     p.add_argument("--output", default=None, help="JSON file (default output/benchmark/<device>.json)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of the detection config")
     args = p.parse_args(argv)
@@ -282,7 +284,9 @@ class Bench:
         self.mem = PeakMemory(self.device)
         self.rows: List[Dict] = []
         self.checks: Dict[str, object] = {}
-        self.dtypes = ["fp32", "bf16"] if self.device.type == "cuda" else ["fp32"]
+        self.dtypes = args.dtypes.split(",") if args.dtypes else ["fp32", "bf16"] if self.device.type == "cuda" else ["fp32"]
+        if not set(self.dtypes) <= {"fp32", "bf16"}:
+            raise ValueError(f"--dtypes takes fp32 and/or bf16, got {args.dtypes!r}")
         self.peak = matmul_peak_tflops(self.device)
         self.full_matrix = self.device.type == "cuda"  # the CPU run is trimmed to fit 10 minutes
 
@@ -412,7 +416,12 @@ class Bench:
             cfg.MODEL.DEVICE = a.device
             torch.manual_seed(0)
             model = build_model(cfg).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            cfg.SOLVER.FUSED = False
+            unfused = build_optimizer(cfg, model)  # the recipe's layer-decay groups, one kernel per op
+            cfg.SOLVER.FUSED = True
+            # the default training configuration on a GPU: compiled blocks and the fused optimizer
+            default = a.compile and use_fused_optimizer(cfg, model)
+            fused = build_optimizer(cfg, model) if default else None
             batch = [
                 {"image": torch.randint(0, 255, (3, a.img_size, a.img_size), device=self.device).float(),
                  "instances": synthetic_instances(a.img_size, self.device, seed=i), "height": a.img_size, "width": a.img_size}
@@ -421,7 +430,7 @@ class Bench:
             resident = param_bytes(model) * 3  # weights + AdamW's two moments (the grads are in the peak)
             for dtype in self.dtypes:
 
-                def step():
+                def step(opt):
                     torch.manual_seed(0)  # the same proposal sampling in every run
                     with EventStorage(0), self.autocast(dtype):
                         losses = model(batch)
@@ -430,13 +439,19 @@ class Bench:
                     loss.backward()
                     opt.step()
 
+                # "default": compiled blocks + fused AdamW (the COCO config on a GPU); only in
+                # the last dtype, like the compiled backbone rows
+                variants = [("fast", "fast", unfused), ("eager", "eager", unfused)]
+                if default and dtype == self.dtypes[-1]:
+                    variants.append(("default", "compiled", fused))
                 # memory is measured after the timed runs, when AdamW's state exists
                 self.record_interleaved("maskrcnn train iter", dtype, a.batch, [
-                    dict(impl=impl, act_ckpt=act_ckpt, fn=step,
+                    dict(impl=name, act_ckpt=act_ckpt, fn=functools.partial(step, opt),
                          prepare=lambda impl=impl: set_impl(model, impl, act_ckpt))
-                    for impl in ("fast", "eager")
+                    for name, impl, opt in variants
                 ], resident)
-            del model, opt
+            set_impl(model, "fast", False)
+            del model, unfused, fused
 
     def pretrain(self):
         from convmae_det.pretrain import convmae_pretrain, random_masking
@@ -475,6 +490,8 @@ class Bench:
         masked = int(mask[0].sum())
         for dtype in self.dtypes:
             variants = [("fast", True, False), ("eager", False, False)] + ([("fast", True, True)] if self.full_matrix else [])
+            if a.compile and dtype == self.dtypes[-1]:
+                variants.append(("compiled", True, False))  # torch.compile'd stage-3 and decoder blocks
 
             def step():
                 model.zero_grad(set_to_none=True)
@@ -483,7 +500,8 @@ class Bench:
                 loss.backward()
 
             def prepare(impl: str, sparse_mode: bool, ckpt: bool) -> None:
-                model.set_impl(impl)
+                model.set_impl("fast" if impl == "compiled" else impl)
+                model.compile_blocks(impl == "compiled")
                 model.sparse = sparse_mode
                 model.use_act_checkpoint = ckpt
 
@@ -496,6 +514,7 @@ class Bench:
                 row["targets_per_s"] = B * masked / row["median_s"]
             # complementary masking: 4 disjoint views of B/4 images, the same encoder batch
             model.set_impl("fast")
+            model.compile_blocks(False)
             model.sparse, model.use_act_checkpoint = True, False
             k = 4
             sub = imgs[: max(B // k, 1)]
@@ -519,6 +538,11 @@ class Bench:
                 e = index.get((r["name"], r["dtype"], r["act_ckpt"], "eager"))
                 r["speedup_vs_eager"] = e["median_s"] / r["median_s"] if e else None
         for dtype in self.dtypes:
+            for name, check in (("maskrcnn train iter", "maskrcnn_train_speedup"), ("pretrain step", "pretrain_step_speedup")):
+                for impl in ("fast", "default", "compiled"):
+                    r = index.get((name, dtype, False, impl))
+                    if r and r.get("speedup_vs_eager"):
+                        self.checks[f"{check}_{dtype}_{impl}"] = r["speedup_vs_eager"]
             for impl, suffix in (("fast", ""), ("compiled", "_compiled")):
                 f = index.get(("backbone fwd+bwd", dtype, False, impl))
                 c = index.get(("backbone fwd+bwd", dtype, True, impl))
@@ -584,7 +608,10 @@ def main(argv=None):
         "backbone_fast_vs_eager_max_abs_diff": ("<=", 1e-4),
         "backbone_fwd_bwd_speedup_fp32": (">=", 1.2 if args.device == "cpu" else None),
         "backbone_fwd_bwd_speedup_bf16": (">=", 1.5),
-        "backbone_fwd_bwd_speedup_bf16_compiled": (">=", 1.5),
+        "backbone_fwd_bwd_speedup_bf16_compiled": (">=", 1.8),
+        "maskrcnn_train_speedup_bf16_default": (">=", 1.6),
+        "pretrain_step_speedup_bf16_fast": (">=", 2.0),
+        "pretrain_step_speedup_bf16_compiled": (">=", 2.0),
         "act_ckpt_memory_cut_bf16_compiled": (">=", 0.4),
         "act_ckpt_time_overhead_bf16_compiled": ("<=", 0.3),
         "act_ckpt_memory_cut_fp32": (">=", 0.4),

@@ -7,13 +7,18 @@
 #      on the built-in shapes dataset at 1024 (LSJ), AMP on, for TRAIN_ITERS iterations on one GPU,
 #      then box and mask AP on the shapes val split, and a summary (iteration time, images/s,
 #      peak memory, whether the losses stayed finite) in train_summary.json;
-#   3. with TRAIN_COMPILE=1, the same training with MODEL.CONVMAE.COMPILE True (no evaluation),
-#      summarised in train_compiled_summary.json.
+#   3. with TRAIN_EAGER=1, the same training in the eager configuration (MODEL.CONVMAE.IMPL eager,
+#      COMPILE False, SOLVER.FUSED False; no evaluation), summarised in train_eager_summary.json.
+# The training runs use the config's defaults: on a GPU, compiled blocks and the fused optimizer.
+# With BASELINE=DIR (another checkout, e.g. `git worktree add DIR <commit>`), DIR's benchmark runs
+# after the training run, with BASELINE_BENCH_ARGS (default BENCH_ARGS), into baseline.json, so
+# that both codes are measured on one card in one run.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]        (default output/gpu_check)
 # Environment: PYTHON (python), BENCH_ARGS (extra benchmark arguments), BENCH_TIMEOUT (s, 300),
 #   TRAIN_ITERS (200), TRAIN_BATCH (4), TRAIN_TIMEOUT (s, 300), TRAIN_WORKDIR (checkpoints and
-#   metrics, kept out of OUT_DIR), TRAIN_OPTS (extra KEY VALUE overrides), TRAIN_COMPILE (0).
+#   metrics, kept out of OUT_DIR), TRAIN_OPTS (extra KEY VALUE overrides), TRAIN_EVAL (1: evaluate
+#   on the shapes val split), TRAIN_EAGER (0), BASELINE (none).
 # Each step runs even if an earlier one failed; the exit status is the first failure's.
 set -u
 cd "$(dirname "$0")/.."
@@ -24,6 +29,7 @@ BATCH=${TRAIN_BATCH:-4}
 WORK=${TRAIN_WORKDIR:-output/gpu_check_train}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
+OUT_ABS=$(cd "$OUT" && pwd)
 status=0
 step() {  # step NAME LOG TIMEOUT CMD...: run, log to LOG, remember the first failure
     local name=$1 log=$2 limit=$3
@@ -84,8 +90,17 @@ train() {  # train NAME WORKDIR KEY VALUE...: the Base recipe's model on the sha
 step "shapes dataset" "$WORK/dataset.log" 120 $PY tools/make_shapes_dataset.py
 # shellcheck disable=SC2086
 step "benchmark" "$OUT/benchmark.log" "${BENCH_TIMEOUT:-300}" $PY tools/benchmark.py --output "$OUT/benchmark.json" ${BENCH_ARGS:-}
-train train "$WORK"
-if [ "${TRAIN_COMPILE:-0}" = 1 ]; then
-    train train_compiled "$WORK/compiled" MODEL.CONVMAE.COMPILE True DATASETS.TEST '()'
+if [ "${TRAIN_EVAL:-1}" = 1 ]; then
+    train train "$WORK"
+else
+    train train "$WORK" DATASETS.TEST '()'
+fi
+if [ -n "${BASELINE:-}" ]; then
+    # shellcheck disable=SC2086
+    step "baseline benchmark ($BASELINE)" "$OUT/baseline.log" "${BENCH_TIMEOUT:-300}" \
+        bash -c "cd '$BASELINE' && exec $PY tools/benchmark.py --output '$OUT_ABS/baseline.json' ${BASELINE_BENCH_ARGS:-${BENCH_ARGS:-}}"
+fi
+if [ "${TRAIN_EAGER:-0}" = 1 ]; then
+    train train_eager "$WORK/eager" MODEL.CONVMAE.IMPL eager MODEL.CONVMAE.COMPILE False SOLVER.FUSED False DATASETS.TEST '()'
 fi
 exit $status

@@ -34,7 +34,7 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     """get_cfg + add_convmae_config + file + overrides, then checks that fail early and clearly.
 
     Unknown keys in the file or the overrides raise a ValueError naming the key.
-    Without a GPU the model runs on the CPU and AMP is turned off.
+    Without a GPU the model runs on the CPU, and AMP and MODEL.CONVMAE.COMPILE are turned off.
     """
     cfg = get_cfg()
     add_convmae_config(cfg)
@@ -53,6 +53,7 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
         cfg.MODEL.DEVICE = "cpu"
     if cfg.MODEL.DEVICE == "cpu":
         cfg.SOLVER.AMP.ENABLED = False
+        cfg.MODEL.CONVMAE.COMPILE = False
     check_compiled_ops(cfg)
     sq = cfg.MODEL.CONVMAE.SQUARE_PAD
     if cfg.INPUT.LSJ.ENABLED and sq and cfg.INPUT.LSJ.IMAGE_SIZE > sq:
