@@ -1,6 +1,13 @@
 from .builtin import BUILTIN_SHAPES, prepare_builtin_datasets, register_builtin_shapes, shapes_root
 from .mapper import build_lsj_augmentations, build_train_mapper
-from .shapes import SHAPE_CLASSES, ShapesSpec, generate_shapes_dataset, shapes_dataset_ready
+from .shapes import (
+    SHAPE_CLASSES,
+    ShapesSpec,
+    generate_shapes_dataset,
+    generate_shapes_pool,
+    shapes_dataset_ready,
+    write_labeled_subset,
+)
 
 __all__ = [
     "BUILTIN_SHAPES",
@@ -9,8 +16,10 @@ __all__ = [
     "build_lsj_augmentations",
     "build_train_mapper",
     "generate_shapes_dataset",
+    "generate_shapes_pool",
     "prepare_builtin_datasets",
     "register_builtin_shapes",
     "shapes_dataset_ready",
     "shapes_root",
+    "write_labeled_subset",
 ]

@@ -10,6 +10,11 @@ Layout under ``root``::
 
     train/000000.png ...   val/000000.png ...
     annotations/instances_train.json   annotations/instances_val.json
+    annotations/instances_train_100.json    the first 100 training images (write_labeled_subset)
+    pool/000000.png ... pool/spec.json      unlabeled images for pretraining (generate_shapes_pool)
+
+The unlabeled pool is drawn from its own random stream (seed, "pool"), so its images are new
+draws of the same distribution, never copies of train or val images.
 """
 import json
 import math
@@ -23,7 +28,15 @@ from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.ops import unary_union
 
-__all__ = ["SHAPE_CLASSES", "ShapesSpec", "generate_shapes_dataset", "shapes_dataset_ready", "make_shape_polygon"]
+__all__ = [
+    "SHAPE_CLASSES",
+    "ShapesSpec",
+    "generate_shapes_dataset",
+    "generate_shapes_pool",
+    "shapes_dataset_ready",
+    "make_shape_polygon",
+    "write_labeled_subset",
+]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
 FORMAT_VERSION = 4
@@ -249,15 +262,82 @@ def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force:
                 os.makedirs(os.path.join(tmp, "annotations"), exist_ok=True)
                 with open(_json_path(tmp, split), "w") as f:
                     json.dump(data, f)
-            if os.path.exists(root):
-                old = root + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(root, old)
-                os.rename(tmp, root)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, root)
+            _replace_folder(tmp, root)
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
     return {"train": _json_path(root, "train"), "val": _json_path(root, "val"), "root": root}
+
+
+def _replace_folder(tmp: str, dst: str) -> None:
+    """Move the complete folder ``tmp`` to ``dst``, replacing what was there."""
+    if os.path.exists(dst):
+        old = dst + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+def write_labeled_subset(root: str, num_images: int) -> str:
+    """Write ``annotations/instances_train_{num_images}.json``: the first ``num_images`` images
+    of the training split with their annotations (a small labeled set; the images stay in
+    ``train/``). Deterministic; rewritten only when missing or stale. Returns the json path."""
+    src = _json_path(root, "train")
+    with open(src) as f:
+        data = json.load(f)
+    if not 0 < num_images <= len(data["images"]):
+        raise ValueError(f"a labeled subset of {num_images} images: the training split {src} has {len(data['images'])}")
+    images = data["images"][:num_images]
+    keep = {im["id"] for im in images}
+    subset = dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+    subset["info"] = dict(data["info"], subset_of="train", num_images=num_images)
+    path = _json_path(root, f"train_{num_images}")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                if json.load(f) == subset:
+                    return path
+        except (OSError, ValueError):
+            pass
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(subset, f)
+    os.replace(tmp, path)
+    return path
+
+
+def generate_shapes_pool(root: str, num_images: int, spec: Optional[ShapesSpec] = None, force: bool = False) -> str:
+    """Write ``num_images`` unlabeled shapes images under ``root/pool`` for pretraining, unless
+    the same pool is there. The images come from the random stream (spec seed, "pool"), apart
+    from those of train and val. Written to a temporary folder and moved into place when
+    complete. Returns the pool folder."""
+    spec = spec or ShapesSpec()
+    if num_images <= 0:
+        raise ValueError(f"the unlabeled pool needs at least one image, got {num_images}")
+    pool = os.path.join(os.path.abspath(root), "pool")
+    want = dict(spec, num_pool=num_images)
+    marker = os.path.join(pool, "spec.json")
+    if not force and os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                if json.load(f) == want and len(os.listdir(pool)) == num_images + 1:
+                    return pool
+        except (OSError, ValueError):
+            pass
+    os.makedirs(os.path.dirname(pool), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".pool-", dir=os.path.dirname(pool))
+    try:
+        rng = np.random.default_rng([spec["seed"], int.from_bytes(b"pool", "little")])
+        for i in range(num_images):
+            img, _ = _make_image(rng, spec)
+            Image.fromarray(img).save(os.path.join(tmp, f"{i:06d}.png"))
+        with open(os.path.join(tmp, "spec.json"), "w") as f:
+            json.dump(want, f)
+        _replace_folder(tmp, pool)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return pool
