@@ -51,6 +51,8 @@ def add_convmae_config(cfg: CN) -> CN:
     # on every detectron2 release, including 0.6, which has no get_norm("LN").
 
     _C.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    # periodic checkpoints to keep, the newest (0: all); model_final.pth is always kept
+    _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
     # fused optimizer kernels (torch.optim fused=True) when the model is on CUDA and
     # SOLVER.CLIP_GRADIENTS is off; same update, fewer kernel launches
     _C.SOLVER.FUSED = True

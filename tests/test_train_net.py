@@ -52,3 +52,14 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path):
            "--register", "x", str(tmp_path / "nope.json"), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "nope.json" in r.stderr and "does not exist" in r.stderr
+
+
+def test_checkpoint_max_to_keep_bounds_periodic_checkpoints_across_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.CHECKPOINT_MAX_TO_KEEP", "2", "TEST.EVAL_PERIOD", "0"]
+    run_train_net(dataset, out, opts=["SOLVER.MAX_ITER", "4", *opts, "DATASETS.TEST", "()"])
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000002.pth", "model_0000003.pth", "model_final.pth"]
+    log = run_train_net(dataset, out, "--resume", opts=["SOLVER.MAX_ITER", "6", *opts, "DATASETS.TEST", "()"])
+    assert "Starting training from iteration 4" in log
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000004.pth", "model_0000005.pth", "model_final.pth"]
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"

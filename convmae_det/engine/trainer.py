@@ -1,4 +1,5 @@
 """The detectron2 trainer of convmae-det and the config set-up shared by the tools."""
+import glob
 import logging
 import os
 from typing import List
@@ -15,7 +16,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.data import detection_utils as utils
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -111,6 +112,20 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    def build_hooks(self):
+        """detectron2's hooks, with the periodic checkpointer keeping only the newest
+        SOLVER.CHECKPOINT_MAX_TO_KEEP checkpoints (0 keeps all; model_final.pth is never removed).
+        Periodic checkpoints already in OUTPUT_DIR (a resumed run) count among them."""
+        ret = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+        if keep < 0:
+            raise ValueError(f"SOLVER.CHECKPOINT_MAX_TO_KEEP must be >= 0 (0 keeps all), got {keep}")
+        for h in ret:
+            if keep and isinstance(h, hooks.PeriodicCheckpointer):
+                h.max_to_keep = keep
+                h.recent_checkpoints = sorted(glob.glob(os.path.join(self.cfg.OUTPUT_DIR, "model_[0-9]*.pth")))
+        return ret
 
     @classmethod
     def build_train_loader(cls, cfg):
