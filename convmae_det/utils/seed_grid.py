@@ -1,0 +1,217 @@
+"""Finetune grids over initialisations, labeled-split sizes and seeds: a table and a plot.
+
+One seeded finetune is not a measurement of a recipe (kernel-level changes alone moved a
+shapes run by 3 box AP), so initialisations are compared as mean +- std over seeds:
+
+  python tools/seed_grid.py --out output/grid --labeled 100 300 --seeds 0 1 2 \\
+      --init scratch=configs/Shapes/mask_rcnn_convmae_tiny_shapes_100.yaml \\
+      --init pretrained=configs/Shapes/mask_rcnn_convmae_tiny_shapes_100_pretrained.yaml:output/demo/pretrain/convmae_tiny_d2.pth
+
+Each cell runs ``tools/train_net.py --config-file CONFIG DATASETS.TRAIN ("convmae_shapes_train_N",)
+SEED S OUTPUT_DIR OUT/INIT_nN_sS [MODEL.WEIGHTS W] [--opts ...]`` and reads the final bbox and
+segm AP from that run's metrics.json. A cell whose ``result.json`` was written by the same
+command (same config file contents, same weights file size and time) is read instead of run
+again, and the table says which rows were run now and which were read. Writes OUT/grid.json,
+OUT/grid.md (the table) and OUT/grid.png (AP against labeled images, one line per
+initialisation, error bars = std over seeds). Trailing ``--opts KEY VALUE ...`` go to every run.
+"""
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+__all__ = ["main", "final_metrics", "summarize", "markdown", "plot"]
+
+METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+
+
+def parse_init(text: str):
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise argparse.ArgumentTypeError(f"--init takes NAME=CONFIG[:WEIGHTS], got {text!r}")
+    config, _, weights = rest.partition(":")
+    return name, config, weights or None
+
+
+def positive(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="seed_grid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for the runs, grid.json, grid.md and grid.png")
+    p.add_argument("--init", action="append", type=parse_init, required=True, metavar="NAME=CONFIG[:WEIGHTS]")
+    p.add_argument("--labeled", type=positive, nargs="+", required=True, help="sizes of the labeled training split")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rerun", action="store_true", help="run every cell, even those with a matching result")
+    p.add_argument("--title", default="finetune on the first N shapes training images")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE overrides for every run")
+    args = p.parse_args(argv)
+    names = [n for n, _, _ in args.init]
+    if len(set(names)) != len(names):
+        p.error(f"--init names must differ, got {names}")
+    for _, config, weights in args.init:
+        if not os.path.isfile(config):
+            p.error(f"config {config!r} does not exist")
+        if weights and not os.path.isfile(weights):
+            p.error(f"weights {weights!r} do not exist")
+    if len(args.opts) % 2:
+        p.error(f"--opts takes KEY VALUE pairs, got {args.opts}")
+    return args
+
+
+def _fingerprint(cmd: List[str], config: str, weights: str) -> str:
+    h = hashlib.sha256(json.dumps(cmd).encode())
+    with open(config, "rb") as f:
+        h.update(f.read())
+    if weights:
+        st = os.stat(weights)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def final_metrics(metrics_file: str) -> Dict[str, float]:
+    """The last value of each AP metric in a detectron2 metrics.json (one JSON object a line)."""
+    found = {}
+    with open(metrics_file) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a partial last line of an interrupted run
+            found.update({k: row[k] for k in METRICS if k in row})
+    missing = [k for k in METRICS if k not in found]
+    if missing:
+        raise RuntimeError(f"{metrics_file} has no {missing}: did the run evaluate?")
+    return found
+
+
+def echo_copypaste(name: str, labeled: int, seed: int, out: str) -> None:
+    """Repeat the run's detectron2 "copypaste:" AP lines (they are in its stdout.log)."""
+    try:
+        with open(os.path.join(out, "stdout.log")) as f:
+            lines = [line.rstrip() for line in f if "copypaste:" in line]
+    except OSError:
+        return
+    for line in lines:
+        print(f"[{name} n={labeled} seed={seed}] {line[line.index('copypaste:'):]}")
+
+
+def run_cell(args, train_net: str, name: str, config: str, weights: str, labeled: int, seed: int) -> Dict:
+    out = os.path.join(args.out, f"{name}_n{labeled}_s{seed}")
+    cmd = [sys.executable, train_net, "--config-file", config,
+           "DATASETS.TRAIN", f'("convmae_shapes_train_{labeled}",)', "SEED", str(seed), "OUTPUT_DIR", out]
+    if weights:
+        cmd += ["MODEL.WEIGHTS", weights]
+    cmd += list(args.opts)
+    key = _fingerprint(cmd[1:], config, weights)
+    result_file = os.path.join(out, "result.json")
+    if not args.rerun and os.path.isfile(result_file):
+        with open(result_file) as f:
+            old = json.load(f)
+        if old.get("fingerprint") == key:
+            echo_copypaste(name, labeled, seed, out)
+            return dict(old, how=f"read from {result_file} (run {old['finished']})")
+    if os.path.isdir(out):  # a stale or interrupted cell: start it afresh
+        for f in ("metrics.json", "result.json", "last_checkpoint"):
+            if os.path.exists(os.path.join(out, f)):
+                os.remove(os.path.join(out, f))
+    os.makedirs(out, exist_ok=True)
+    print(f"[seed_grid] {name} n={labeled} seed={seed}: {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    with open(os.path.join(out, "stdout.log"), "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(train_net)))
+    if rc != 0:
+        raise RuntimeError(f"finetune {name} n={labeled} seed={seed} failed (exit {rc}); see {out}/stdout.log")
+    result = dict(init=name, config=config, weights=weights, labeled=labeled, seed=seed, command=cmd[1:],
+                  fingerprint=key, seconds=round(time.time() - t0, 1),
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S"), **final_metrics(os.path.join(out, "metrics.json")))
+    tmp = result_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, result_file)
+    echo_copypaste(name, labeled, seed, out)
+    return dict(result, how="run now")
+
+
+def summarize(cells: List[Dict], inits: List[str], sizes: List[int]) -> List[Dict]:
+    rows = []
+    for name in inits:
+        for n in sizes:
+            mine = [c for c in cells if c["init"] == name and c["labeled"] == n]
+            row = dict(init=name, labeled=n, seeds=[c["seed"] for c in mine], how=sorted({c["how"].split(" (")[0] for c in mine}))
+            for k in METRICS:
+                vals = [c[k] for c in mine]
+                row[k] = vals
+                row[k + " mean"] = statistics.mean(vals)
+                row[k + " std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: List[Dict], cells: List[Dict]) -> str:
+    lines = ["| init | labeled images | seeds | box AP | box AP50 | mask AP | mask AP50 | box AP per seed | how |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        stats = " | ".join(f"{r[k + ' mean']:.2f} ± {r[k + ' std']:.2f}" for k in METRICS)
+        per_seed = ", ".join(f"{v:.2f}" for v in r["bbox/AP"])
+        lines.append(f"| {r['init']} | {r['labeled']} | {len(r['seeds'])} | {stats} | {per_seed} | {', '.join(r['how'])} |")
+    sources = sorted({c["how"] for c in cells if c["how"] != "run now"})
+    if sources:
+        lines += ["", "Rows not run now were " + "; ".join(sources) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Dict], inits: List[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharex=True)
+    for ax, (metric, label) in zip(axes, (("bbox/AP", "box AP"), ("segm/AP", "mask AP"))):
+        for name in inits:
+            mine = sorted((r for r in rows if r["init"] == name), key=lambda r: r["labeled"])
+            ax.errorbar([r["labeled"] for r in mine], [r[metric + " mean"] for r in mine],
+                        yerr=[r[metric + " std"] for r in mine], marker="o", capsize=4, label=name)
+        ax.set_xlabel("labeled training images")
+        ax.set_ylabel(f"{label} (mean ± std over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None, train_net: str = "tools/train_net.py"):
+    """Run the grid (``argv`` as on the command line) with the ``tools/train_net.py`` at
+    ``train_net``; the runs start in the folder above its ``tools/``. Returns the table rows."""
+    args = parse_args(argv)
+    train_net = os.path.abspath(train_net)
+    os.makedirs(args.out, exist_ok=True)
+    inits = [n for n, _, _ in args.init]
+    cells = [run_cell(args, train_net, name, config, weights, n, s)
+             for name, config, weights in args.init for n in args.labeled for s in args.seeds]
+    rows = summarize(cells, inits, args.labeled)
+    table = markdown(rows, cells)
+    with open(os.path.join(args.out, "grid.json"), "w") as f:
+        json.dump(dict(rows=rows, cells=cells, args=dict(vars(args), init=[list(i) for i in args.init])), f, indent=1)
+    with open(os.path.join(args.out, "grid.md"), "w") as f:
+        f.write(table)
+    if len(args.labeled) > 1 or len(args.seeds) > 1:
+        plot(rows, inits, os.path.join(args.out, "grid.png"), args.title)
+    print(table, end="")
+    return rows
+
