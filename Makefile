@@ -1,5 +1,6 @@
-# Two commands: `make demo` (pretrain -> convert -> finetune -> evaluate on the built-in dataset)
-# and `make test`; `make demo-scratch` is the same finetune from random initialisation.
+# Two commands: `make demo` (pretrain on an unlabeled image pool -> convert -> finetune on a small
+# labeled split -> evaluate, next to the same finetune from random initialisation) and `make test`;
+# `make demo-scratch` runs (or reuses) only the random-initialisation row.
 # Both create or reuse a virtual environment in $(VENV) with everything installed.
 #   make test VENV_FLAGS=--system-site-packages   reuse a detectron2 you built yourself
 #   make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"   another torch
@@ -9,11 +10,14 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.convmae-det-installed
-SCRATCH_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes.yaml
-FINETUNE_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes_pretrained.yaml
+SCRATCH_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes_labeled.yaml
+FINETUNE_CONFIG ?= configs/Shapes/mask_rcnn_convmae_tiny_shapes_labeled_pretrained.yaml
 DEMO_OUT ?= output/demo
-PRETRAIN_STEPS ?= 480
+LABELED ?= 100
+POOL ?= 6000
+PRETRAIN_STEPS ?= 960
 PRETRAIN_LR ?= 5e-4
+SEEDS ?= 0
 export DETECTRON2_DATASETS ?= datasets
 
 .PHONY: setup demo demo-scratch test clean
@@ -29,21 +33,26 @@ $(STAMP): requirements.txt setup.py tools/install_detectron2.py
 	$(PY) -c "import convmae_det, detectron2; print('convmae-det ready with detectron2', detectron2.__version__)"
 	touch $(STAMP)
 
-# pretrain a tiny ConvMAE on the built-in training images -> convert -> finetune Mask R-CNN -> evaluate
+# pretrain a tiny ConvMAE on the unlabeled pool -> convert -> finetune Mask R-CNN on the first
+# $(LABELED) labeled training images, from the pretrained weights and from random initialisation
+# (a row that this command or `make demo-scratch` already ran with the same settings is read
+# from its result file) -> a side-by-side table
 demo: setup
-	$(PY) tools/make_shapes_dataset.py
-	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/train --output $(DEMO_OUT)/pretrain --overwrite \
+	$(PY) tools/make_shapes_dataset.py --pool $(POOL) --labeled $(LABELED)
+	$(PY) tools/pretrain.py --data $(DETECTRON2_DATASETS)/convmae_shapes/pool --output $(DEMO_OUT)/pretrain --overwrite \
 		--size tiny --img-size 128 --decoder-dim 128 --decoder-depth 2 --decoder-heads 4 \
 		--batch-size 32 --steps $(PRETRAIN_STEPS) --lr $(PRETRAIN_LR) --warmup-steps 40 --num-workers 1 \
-		--checkpoint-every $(PRETRAIN_STEPS) --log-every 40
+		--checkpoint-every $(PRETRAIN_STEPS) --log-every 80
 	$(PY) tools/convert_pretrain.py $(DEMO_OUT)/pretrain/checkpoint.pth $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth \
 		--config $(FINETUNE_CONFIG)
-	$(PY) tools/train_net.py --config-file $(FINETUNE_CONFIG) \
-		MODEL.WEIGHTS $(DEMO_OUT)/pretrain/convmae_tiny_d2.pth OUTPUT_DIR $(DEMO_OUT)/finetune
+	$(PY) tools/seed_grid.py --out $(DEMO_OUT)/finetune --labeled $(LABELED) --seeds $(SEEDS) \
+		--title "make demo: $(LABELED) labeled images" \
+		--init random=$(SCRATCH_CONFIG) --init pretrained=$(FINETUNE_CONFIG):$(DEMO_OUT)/pretrain/convmae_tiny_d2.pth
 
-# the same Mask R-CNN finetune and evaluation from random initialisation
+# the same finetune from random initialisation only (make demo reads its result)
 demo-scratch: setup
-	$(PY) tools/train_net.py --config-file $(SCRATCH_CONFIG) OUTPUT_DIR $(DEMO_OUT)/scratch
+	$(PY) tools/make_shapes_dataset.py --labeled $(LABELED)
+	$(PY) tools/seed_grid.py --out $(DEMO_OUT)/finetune --labeled $(LABELED) --seeds $(SEEDS) --init random=$(SCRATCH_CONFIG)
 
 test: setup
 	$(PY) -m pytest -q tests
