@@ -101,6 +101,10 @@ def test_seed_grid_runs_each_cell_once_and_tabulates_mean_and_std(tmp_path, monk
     seed_grid.main(argv)
     assert calls == []
     assert "read from" in open(tmp_path / "grid" / "grid.md").read()
+    # one seed: the value alone, no spread
+    seed_grid.main(argv[:2] + ["--labeled", "100", "--seeds", "0"] + argv[9:])
+    one = open(tmp_path / "grid" / "grid.md").read()
+    assert "| random | 100 | 1 | 11.00 | 20.00 |" in one and "±" not in one.split("\n\n")[0]
     os.utime(weights, ns=(0, 0))
     seed_grid.main(argv)
     assert len(calls) == 6 and all("pretrained" in out for out, _ in calls)

@@ -164,7 +164,10 @@ def markdown(rows: List[Dict], cells: List[Dict]) -> str:
     lines = ["| init | labeled images | seeds | box AP | box AP50 | mask AP | mask AP50 | box AP per seed | how |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        stats = " | ".join(f"{r[k + ' mean']:.2f} ± {r[k + ' std']:.2f}" for k in METRICS)
+        if len(r["seeds"]) > 1:
+            stats = " | ".join(f"{r[k + ' mean']:.2f} ± {r[k + ' std']:.2f}" for k in METRICS)
+        else:  # one seed: a value, no spread
+            stats = " | ".join(f"{r[k + ' mean']:.2f}" for k in METRICS)
         per_seed = ", ".join(f"{v:.2f}" for v in r["bbox/AP"])
         lines.append(f"| {r['init']} | {r['labeled']} | {len(r['seeds'])} | {stats} | {per_seed} | {', '.join(r['how'])} |")
     sources = sorted({c["how"] for c in cells if c["how"] != "run now"})
