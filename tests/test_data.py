@@ -56,13 +56,20 @@ def test_missing_images_are_reported_by_path(tmp_path):
         check_image_files(dicts, ["mine"])
 
 
-def test_lsj_output_is_square_crop():
+def test_lsj_output_fits_the_crop_and_is_padded_only_when_asked():
     import detectron2.data.transforms as T
 
-    augs = T.AugmentationList(build_lsj_augmentations(128, 0.5, 1.5))
+    np.random.seed(0)
     img = np.random.randint(0, 255, (100, 140, 3), dtype=np.uint8)
-    inp = T.AugInput(img)
-    augs(inp)
-    assert inp.image.shape[:2] == (128, 128)
+    shapes = set()
+    for _ in range(20):
+        inp = T.AugInput(img)
+        T.AugmentationList(build_lsj_augmentations(128, 0.5, 1.5))(inp)  # official: pad=False
+        assert inp.image.shape[0] <= 128 and inp.image.shape[1] <= 128
+        shapes.add(inp.image.shape[:2])
+        padded = T.AugInput(img)
+        T.AugmentationList(build_lsj_augmentations(128, 0.5, 1.5, pad=True))(padded)
+        assert padded.image.shape[:2] == (128, 128)
+    assert any(h < 128 for h, w in shapes) and (128, 128) in shapes  # small scales stay small
     with pytest.raises(ValueError, match="MIN_SCALE"):
         build_lsj_augmentations(128, 2.0, 1.0)
