@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-from .modeling.convvit import ConvViT
+from .modeling.convvit import ConvViTBase
 from .modeling.layers import D2LayerNorm
 
 __all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer", "use_fused_optimizer"]
@@ -44,7 +44,7 @@ def convmae_layer_id(name: str, num_layers: int, prefix: str) -> int:
 
 def _find_encoder(model: nn.Module):
     for name, module in model.named_modules():
-        if isinstance(module, ConvViT):
+        if isinstance(module, ConvViTBase):
             return (name + ".") if name else "", module
     return None, None
 

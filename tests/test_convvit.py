@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from conftest import tiny_convvit_kwargs
-from convmae_det.modeling import ConvViT, TransformerBlock
+from conftest import assert_same_function, randomize_, tiny_convvit_kwargs
+from convmae_det.modeling import BlockRunner, ConvViT, ReferenceConvViT, TransformerBlock
+from convmae_det.modeling.convvit import Attention
 from convmae_det.modeling.layers import get_rel_pos, resample_abs_pos, window_partition, window_unpartition
+from convmae_det.modeling.reference import ReferenceAttention, ReferenceBlock
 from reference_keys import convmae_base_encoder_shapes
 
 
@@ -32,18 +34,10 @@ def test_window_padding_roundtrip():
     assert torch.equal(window_unpartition(win, 4, pad_hw, (9, 11)), x)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_window_attention_equals_global_when_one_window_covers_grid(impl):
-    torch.manual_seed(1)
-    glob = TransformerBlock(32, 4, use_rel_pos=True, rel_pos_size=(6, 6), attn_impl=impl)
-    win = TransformerBlock(32, 4, use_rel_pos=True, window_size=6, attn_impl=impl)
-    with torch.no_grad():
-        for p in glob.parameters():
-            p.normal_(0, 0.2)
-    win.load_state_dict(glob.state_dict())
-    x = torch.randn(2, 6, 6, 32)
-    a, b = glob(x), win(x)
-    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+def test_window_attention_equals_global_when_one_window_covers_grid():
+    glob = randomize_(TransformerBlock(32, 4, use_rel_pos=True, rel_pos_size=(6, 6)))
+    win = TransformerBlock(32, 4, use_rel_pos=True, window_size=6)
+    assert_same_function(glob, win, torch.randn(2, 6, 6, 32, requires_grad=True), atol=1e-5)
 
 
 def test_window_block_differs_from_global_when_windows_split_grid():
@@ -54,38 +48,18 @@ def test_window_block_differs_from_global_when_windows_split_grid():
     assert not torch.allclose(glob(x), win(x), atol=1e-4)
 
 
-def _net_with_random_rel_pos(**overrides):
-    net = ConvViT(
-        **tiny_convvit_kwargs(
-            window_size=3, window_block_indexes=[0], use_rel_pos=True, rel_pos_grid=(4, 4), **overrides
-        )
-    )
-    with torch.no_grad():
-        for blk in net.blocks3:
-            blk.attn.rel_pos_h.normal_(0, 0.5)
-            blk.attn.rel_pos_w.normal_(0, 0.5)
-    return net
+def _tiny_pair(**overrides):
+    kw = tiny_convvit_kwargs(window_size=3, window_block_indexes=[0], use_rel_pos=True, rel_pos_grid=(4, 4))
+    kw.update(overrides)
+    return randomize_(ConvViT(**kw)), ReferenceConvViT(**kw)
 
 
-@pytest.mark.parametrize("hw", [(64, 64), (96, 64)])
-def test_fast_equals_eager_forward_and_gradients(hw):
-    net = _net_with_random_rel_pos()
-    x = torch.randn(2, 3, *hw)
-    outs, grads = {}, {}
-    for impl in ("fast", "eager"):
-        net.set_impl(impl)
-        net.zero_grad()
-        out = net(x)
-        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
-        outs[impl] = {k: v.detach() for k, v in out.items()}
-        grads[impl] = {n: p.grad.clone() for n, p in net.named_parameters()}
-    for k in outs["fast"]:
-        diff = (outs["fast"][k] - outs["eager"][k]).abs().max().item()
-        assert diff < 1e-5, f"{k}: fast and eager differ by {diff}"
-    for n, g in grads["fast"].items():
-        scale = grads["eager"][n].abs().max().item() + 1e-6
-        diff = (g - grads["eager"][n]).abs().max().item()
-        assert diff / scale < 1e-4, f"grad of {n}: fast and eager differ by {diff} (max {scale})"
+@pytest.mark.parametrize("hw", [(64, 64), (96, 64), (80, 48), (32, 112)])
+def test_encoder_equals_reference_forward_and_gradients(hw):
+    """Windowed (3x3 windows: padded on every grid here) and global blocks with relative
+    position, square and odd grids, against the official computation."""
+    fast, ref = _tiny_pair()
+    assert_same_function(fast, ref, torch.randn(2, 3, *hw, requires_grad=True), atol=1e-4)
 
 
 @pytest.mark.parametrize("hw", [(1, 1), (2, 5), (7, 3), (6, 6)])
@@ -94,34 +68,27 @@ def test_fused_rel_pos_attention_equals_explicit_bias(hw, dim, heads):
     """The relative shift of the fused path against the official explicit N x N bias, on grids
     from 1x1 up, non-square, with tables sized for another grid (resized) and head widths
     whose channel padding differs."""
-    from convmae_det.modeling.convvit import Attention
+    fast = randomize_(Attention(dim, heads, use_rel_pos=True, rel_pos_size=(4, 5)), std=0.5)
+    ref = ReferenceAttention(dim, heads, use_rel_pos=True, rel_pos_size=(4, 5))
+    assert_same_function(fast, ref, torch.randn(2, *hw, dim, requires_grad=True), atol=1e-5)
 
-    torch.manual_seed(0)
-    attn = Attention(dim, heads, use_rel_pos=True, rel_pos_size=(4, 5))
-    with torch.no_grad():
-        attn.rel_pos_h.normal_(0, 0.5)
-        attn.rel_pos_w.normal_(0, 0.5)
-    x = torch.randn(2, hw[0] * hw[1], dim, requires_grad=True)
-    results = {}
-    for impl in ("sdpa", "eager"):
-        attn.attn_impl = impl
-        attn.zero_grad()
-        x.grad = None
-        out = attn(x, hw)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results[impl] = [out.detach(), x.grad, attn.rel_pos_h.grad, attn.rel_pos_w.grad]
-    for name, a, b in zip(("out", "x.grad", "rel_pos_h.grad", "rel_pos_w.grad"), *results.values()):
-        assert (a - b).abs().max() < 1e-5 * (1 + b.abs().max()), name
+
+@pytest.mark.parametrize("window,hw", [(3, (4, 5)), (3, (6, 6)), (0, (5, 3))])
+def test_block_equals_reference_block(window, hw):
+    """Window attention that never projects the padding (qkv bias added after padding), and
+    a global block, against ViTDet's zero-pad / partition / crop."""
+    kw = dict(use_rel_pos=True, window_size=window, rel_pos_size=hw, drop_path=0.0)
+    fast, ref = randomize_(TransformerBlock(48, 3, **kw)), ReferenceBlock(48, 3, **kw)
+    assert_same_function(fast, ref, torch.randn(2, *hw, 48, requires_grad=True), atol=1e-5)
 
 
 def test_rel_pos_attention_compiles_to_one_graph():
     """torch.compile traces the fused relative-position attention whole (reading a tensor's
     storage offset in it split the graph into 9 pieces)."""
     import torch._dynamo
-    from convmae_det.modeling.convvit import Attention
 
     attn = Attention(36, 3, use_rel_pos=True, rel_pos_size=(4, 5))
-    explained = torch._dynamo.explain(lambda x: attn(x, (4, 5)))(torch.randn(2, 20, 36))
+    explained = torch._dynamo.explain(attn)(torch.randn(2, 4, 5, 36))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
@@ -144,17 +111,13 @@ def test_window_attention_stays_in_bf16_under_autocast(monkeypatch):
     assert seen == [(torch.bfloat16,) * 3]
 
 
-def test_fast_conv_stages_keep_channels_last_without_copies():
+def test_conv_stages_keep_channels_last_without_copies():
     net = ConvViT(**tiny_convvit_kwargs()).eval()
     s4, s8, tokens = net.forward_conv_stages(torch.randn(1, 3, 64, 64))
-    for t in (s4, s8):  # NCHW views of B H W C memory
-        assert t.is_contiguous(memory_format=torch.channels_last) and t.permute(0, 2, 3, 1).is_contiguous()
-    assert tokens.is_contiguous()
-
-
-def test_unknown_impl_is_rejected():
-    with pytest.raises(ValueError, match="impl must be one of"):
-        ConvViT(**tiny_convvit_kwargs(), impl="flash")
+    assert all(t.is_contiguous() for t in (s4, s8, tokens))  # B H W C
+    out = net(torch.randn(1, 3, 64, 64))
+    for k in ("s4", "s8", "s16"):  # NCHW views of B H W C memory
+        assert out[k].is_contiguous(memory_format=torch.channels_last) and out[k].permute(0, 2, 3, 1).is_contiguous()
 
 
 def test_rel_pos_table_is_resized_for_other_grids():
@@ -186,23 +149,22 @@ def test_separable_pos_resampling_equals_bicubic_interpolation(hw):
     assert (g_out - g_ref).abs().max() < 1e-4
 
 
-def test_compiled_blocks_compute_the_same_as_eager():
-    """torch.compile'd blocks (with and without checkpointing) against the eager implementation."""
-    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True)
-    ref = ConvViT(**kw, impl="eager")
-    x = torch.randn(2, 3, 64, 64)
-    sum(v.square().mean() for v in ref(x).values()).backward()
-    for ckpt in (False, True):
-        net = ConvViT(**kw, compile_blocks=True, use_act_checkpoint=ckpt)
-        net.load_state_dict(ref.state_dict())
-        out = net(x)
-        sum(v.square().mean() for v in out.values()).backward()
-        with torch.no_grad():
-            ref_out = ref(x)
-        for k in out:
-            assert (out[k] - ref_out[k]).abs().max() < 1e-5, k
-        for (n, p), q in zip(ref.named_parameters(), net.parameters()):
-            assert torch.allclose(p.grad, q.grad, atol=1e-6), (ckpt, n)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_compiled_blocks_equal_the_reference(ckpt):
+    """torch.compile'd blocks (with and without checkpointing) against the official computation."""
+    fast, ref = _tiny_pair(window_size=2, window_block_indexes=[1])
+    fast.set_compile(True)
+    fast.set_grad_checkpointing(ckpt)
+    assert_same_function(fast, ref, torch.randn(2, 3, 64, 64), atol=1e-4)
+
+
+def test_runner_takes_module_methods_only():
+    runner = BlockRunner(compile=True)
+    blk = TransformerBlock(32, 2)
+    with pytest.raises(TypeError, match="bound methods of nn.Module"):
+        runner(lambda x: blk(x), torch.randn(1, 4, 32))
+    with pytest.raises(TypeError, match="bound methods of nn.Module"):
+        runner(blk, torch.randn(1, 4, 32))
 
 
 def test_base_parameter_names_and_shapes_match_official_checkpoint():
@@ -217,16 +179,12 @@ def test_base_parameter_names_and_shapes_match_official_checkpoint():
     assert net.blocks3[1].attn.rel_pos_h.shape == (127, 64)
 
 
-@pytest.mark.parametrize("impl", ["fast", "eager"])
-def test_activation_checkpointing_gives_same_gradients(impl):
-    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True, impl=impl)
-    a, b = ConvViT(**kw), ConvViT(**kw, use_act_checkpoint=True)
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(2, 3, 64, 64)
-    for net in (a, b):
-        sum(v.square().mean() for v in net(x).values()).backward()
-    for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+@pytest.mark.parametrize("cls", [ConvViT, ReferenceConvViT])
+def test_activation_checkpointing_gives_same_gradients(cls):
+    kw = tiny_convvit_kwargs(window_size=2, window_block_indexes=[1], use_rel_pos=True)
+    a, b = randomize_(cls(**kw)), cls(**kw)
+    b.set_grad_checkpointing(True)
+    assert_same_function(a, b, torch.randn(2, 3, 64, 64), atol=1e-6)
 
 
 def test_drop_path_is_stochastic_in_training_only():

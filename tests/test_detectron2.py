@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -12,15 +11,9 @@ from convmae_det.engine import setup_cfg
 from convmae_det.modeling import LayerNorm2d, MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
 from convmae_det.solver import get_param_groups
 from convmae_det.utils.compat import MissingCompiledOpError, check_compiled_ops, has_compiled_ops
+from conftest import BASE, TINY, assert_same_function, randomize_, tiny_cfg
+from convmae_det.modeling import ReferenceConvViT
 from reference_keys import convmae_base_encoder_shapes
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
-BASE = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
-
-
-def tiny_cfg(*opts):
-    return setup_cfg(TINY, ["MODEL.DEVICE", "cpu", *opts])
 
 
 @pytest.mark.parametrize("name,cls", [
@@ -39,42 +32,37 @@ def test_pyramid_outputs_p2_to_p6(name, cls):
 
 
 @pytest.mark.parametrize("name", ["build_convmae_sfp_backbone", "build_convmae_msfp_backbone"])
-def test_fast_pyramid_equals_eager_forward_and_gradients(name):
-    """The fast path runs the pyramid on B H W C (deconvs and 1x1 convs as matmuls)."""
-    cfg = tiny_cfg("MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0",
-                   "MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s8", "s16", "s32"]')
-    backbone = build_backbone(cfg)
-    with torch.no_grad():  # non-trivial norms and biases
-        for n, p in backbone.named_parameters():
-            if "norm" in n or n.endswith("bias"):
-                p.normal_(0.5 if n.endswith("weight") else 0.0, 0.3)
-    x = torch.randn(2, 3, 64, 96)
-    outs, grads = {}, {}
-    for impl in ("fast", "eager"):
-        backbone.net.set_impl(impl)
-        backbone.zero_grad()
-        out = backbone(x)
-        sum((v * torch.linspace(-1, 1, v.numel()).view_as(v)).sum() for v in out.values()).backward()
-        outs[impl] = out
-        grads[impl] = {n: p.grad.clone() for n, p in backbone.named_parameters()}
-    for k in outs["fast"]:
-        assert outs["fast"][k].shape == outs["eager"][k].shape
-        assert (outs["fast"][k] - outs["eager"][k]).abs().max() < 1e-4, k
-    for n, g in grads["fast"].items():
-        scale = grads["eager"][n].abs().max().item() + 1e-6
-        assert (g - grads["eager"][n]).abs().max().item() / scale < 1e-4, n
+@pytest.mark.parametrize("hw", [(64, 96), (96, 32)])
+def test_backbone_equals_reference_forward_and_gradients(name, hw):
+    """The whole detection backbone, encoder and pyramid, against MODEL.CONVMAE.IMPL eager (the
+    reference: NCHW conv stages, explicit attention, plain NCHW pyramid stages)."""
+    opts = ["MODEL.BACKBONE.NAME", name, "MODEL.CONVMAE.SQUARE_PAD", "0",
+            "MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s8", "s16", "s32"]',
+            "MODEL.CONVMAE.EMBED_DIMS", "[32, 48, 64]", "MODEL.CONVMAE.DEPTHS", "[1, 1, 2]",
+            "MODEL.CONVMAE.NUM_HEADS", "2", "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[1]",
+            "MODEL.CONVMAE.WINDOW_SIZE", "3", "MODEL.CONVMAE.PYRAMID.OUT_CHANNELS", "16"]
+    fast = randomize_(build_backbone(tiny_cfg(*opts)))
+    ref = build_backbone(tiny_cfg(*opts, "MODEL.CONVMAE.IMPL", "eager"))
+    assert isinstance(ref.net, ReferenceConvViT) and not ref.channels_last
+    assert fast.channels_last and not isinstance(fast.net, ReferenceConvViT)
+    assert_same_function(fast, ref, torch.randn(2, 3, *hw, requires_grad=True), atol=1e-4)
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="MODEL.CONVMAE.IMPL must be one of"):
+        build_backbone(tiny_cfg("MODEL.CONVMAE.IMPL", "flash"))
 
 
 def test_fast_deconv_keeps_the_autocast_dtype():
-    """The fast deconvolution adds its fp32 bias to a bf16 matmul: it must stay bf16 under
-    autocast, as nn.ConvTranspose2d does, rather than be promoted to fp32."""
-    from convmae_det.modeling.pyramid import _deconv2x2_nhwc
+    """The channels-last deconvolution adds its fp32 bias to a bf16 matmul: it must stay bf16
+    under autocast, as nn.ConvTranspose2d does, rather than be promoted to fp32."""
+    from convmae_det.modeling.pyramid import Deconv2x2
 
-    deconv = torch.nn.ConvTranspose2d(16, 8, kernel_size=2, stride=2)
+    deconv = Deconv2x2(16, 8)
     x = torch.randn(1, 4, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = _deconv2x2_nhwc(deconv, x)
-        eager = deconv(x.permute(0, 3, 1, 2))
+        fast = deconv(x)
+        eager = torch.nn.ConvTranspose2d.forward(deconv, x.permute(0, 3, 1, 2))
     assert fast.dtype == eager.dtype == torch.bfloat16
     assert (fast.float() - eager.permute(0, 2, 3, 1).float()).abs().max() < 0.05
 

@@ -31,6 +31,7 @@ from convmae_det.checkpoint import (  # noqa: E402
     unwrap_state_dict,
 )
 from convmae_det.engine import setup_cfg  # noqa: E402
+from convmae_det.modeling.convvit import check_stage3_indexes  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
 
@@ -46,11 +47,11 @@ def build_target(config, opts, size):
             "MODEL.CONVMAE.MLP_RATIO", str(size["mlp_ratio"]),
         ]
     cfg = setup_cfg(config or DEFAULT_CONFIG, overrides)
-    if config is None and max(cfg.MODEL.CONVMAE.GLOBAL_ATTN_INDEXES) >= size["depths"][2]:
-        raise CheckpointError(
-            f"the input has {size['depths'][2]} stage-3 blocks; give a --config whose "
-            f"MODEL.CONVMAE.GLOBAL_ATTN_INDEXES fit them"
-        )
+    if config is None:
+        try:
+            check_stage3_indexes(cfg.MODEL.CONVMAE.GLOBAL_ATTN_INDEXES, size["depths"][2], "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES")
+        except ValueError as e:
+            raise CheckpointError(f"{e} of the input: give a --config whose GLOBAL_ATTN_INDEXES fit them") from None
     model = build_model(cfg)
     return {k: v for k, v in model.state_dict().items()}
 

@@ -1,14 +1,30 @@
-"""Thin detectron2 builders: read the config, build the pure modules with keyword arguments."""
+"""Thin detectron2 builders: read the config, build the pure modules with keyword arguments.
+
+``MODEL.CONVMAE.IMPL`` is read here and nowhere else: "fast" builds the product modules,
+"eager" the reference (:mod:`convmae_det.modeling.reference`, what the official code computes:
+NCHW conv stages, explicit attention, a plain NCHW pyramid), with the same parameter names.
+"""
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
-from .convvit import ConvViT, convvit_kwargs
+from .convvit import ConvViT, ConvViTBase, check_stage3_indexes, convvit_kwargs
 from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
+from .reference import ReferenceConvViT
+
+IMPLS = ("fast", "eager")
 
 __all__ = ["build_convvit_from_cfg", "build_convmae_sfp_backbone", "build_convmae_msfp_backbone"]
 
 
-def build_convvit_from_cfg(cfg, out_features) -> ConvViT:
+def _uses_reference(cfg) -> bool:
+    impl = cfg.MODEL.CONVMAE.IMPL
+    if impl not in IMPLS:
+        raise ValueError(f"MODEL.CONVMAE.IMPL must be one of {IMPLS}, got {impl!r}")
+    return impl == "eager"
+
+
+def build_convvit_from_cfg(cfg, out_features) -> ConvViTBase:
+    """The encoder of MODEL.CONVMAE: :class:`ConvViT`, or the reference for IMPL eager."""
     c = cfg.MODEL.CONVMAE
     kwargs = convvit_kwargs(
         c.SIZE,
@@ -17,17 +33,17 @@ def build_convvit_from_cfg(cfg, out_features) -> ConvViT:
         num_heads=c.NUM_HEADS or None,
     )
     depth = kwargs["depths"][2]
-    bad = [i for i in c.GLOBAL_ATTN_INDEXES if not 0 <= i < depth]
-    if bad:
-        raise ValueError(
-            f"MODEL.CONVMAE.GLOBAL_ATTN_INDEXES {list(c.GLOBAL_ATTN_INDEXES)} has {bad}, outside the "
-            f"{depth} stage-3 blocks of size {c.SIZE!r}"
-        )
+    check_stage3_indexes(c.GLOBAL_ATTN_INDEXES, depth, f"MODEL.CONVMAE.GLOBAL_ATTN_INDEXES (size {c.SIZE!r})")
     if c.REL_POS_IMG_SIZE % 16:
         raise ValueError(f"MODEL.CONVMAE.REL_POS_IMG_SIZE {c.REL_POS_IMG_SIZE} is not a multiple of 16")
     grid = c.REL_POS_IMG_SIZE // 16
-    return ConvViT(
+    if _uses_reference(cfg):
+        cls, extra = ReferenceConvViT, {}
+    else:
+        cls, extra = ConvViT, {"compile_blocks": c.COMPILE}
+    return cls(
         **kwargs,
+        **extra,
         mlp_ratio=c.MLP_RATIO,
         pretrain_img_size=c.PRETRAIN_IMG_SIZE,
         drop_path_rate=c.DROP_PATH_RATE,
@@ -37,9 +53,7 @@ def build_convvit_from_cfg(cfg, out_features) -> ConvViT:
         use_rel_pos=c.USE_REL_POS,
         rel_pos_grid=(grid, grid),
         use_act_checkpoint=c.USE_ACT_CHECKPOINT,
-        impl=c.IMPL,
         out_features=out_features,
-        compile_blocks=c.COMPILE,
     )
 
 
@@ -58,6 +72,7 @@ def build_convmae_sfp_backbone(cfg, input_shape: ShapeSpec):
         out_channels=c.PYRAMID.OUT_CHANNELS,
         scale_factors=tuple(c.PYRAMID.SCALE_FACTORS),
         square_pad=c.SQUARE_PAD,
+        channels_last=not _uses_reference(cfg),
     )
 
 
@@ -73,4 +88,5 @@ def build_convmae_msfp_backbone(cfg, input_shape: ShapeSpec):
         out_channels=c.PYRAMID.OUT_CHANNELS,
         square_pad=c.SQUARE_PAD,
         in_features=in_features,
+        channels_last=not _uses_reference(cfg),
     )

@@ -1,40 +1,36 @@
-"""ConvViT: the ConvMAE hybrid convolution-transformer encoder.
+"""ConvViT: the ConvMAE hybrid convolution-transformer encoder, as the product runs it.
 
-Stages 1-2 are convolutional and work in NCHW; stage 3 is a plain ViT and works on a
-B H W C token grid (detection) or on a B N C token sequence (pretraining, visible tokens only).
-Parameter names follow the official ConvMAE checkpoints (``patch_embed1..4``, ``blocks1..3``,
-the depthwise 5x5 conv named ``attn``), so published weights load without renaming.
+Stages 1-2 are convolutional (strides 4 and 8), stage 3 is a plain ViT (stride 16). Every stage
+works on channels-last B H W C grids, so the conv and token layouts meet without copies:
 
-Two implementations compute the same function (tested equal), switched by ``impl``:
+- conv stages: the 1x1 convs are matmuls over the channel axis, the LayerNorms need no
+  permute, the depthwise 5x5 conv runs on a channels-last NCHW view of the same memory;
+- attention: ``F.scaled_dot_product_attention``, with ViTDet's decomposed relative position
+  folded into the query and key (no N x N bias tensor, fused kernels stay eligible), and window
+  attention that never projects the padding.
 
-- ``"fast"``: conv stages in channels-last (B H W C) with the 1x1 convs as matmuls and the
-  depthwise conv on a channels-last view, so the conv and token layouts meet without copies;
-  attention by ``F.scaled_dot_product_attention`` with the relative-position term folded into
-  the query and key (no N x N bias tensor, fused kernels stay eligible).
-- ``"eager"``: what the official code computes: NCHW conv stages with permutes around every
-  LayerNorm, explicit attention matrices with the relative-position bias added to them. Kept
-  for equivalence tests and as the benchmark's baseline.
+Parameter names and shapes follow the official ConvMAE checkpoints (``patch_embed1..4``,
+``blocks1..3``, the depthwise conv named ``attn``), so published weights load without renaming.
+What the official code computes is :mod:`convmae_det.modeling.reference` (same parameter
+names); the tests hold this model equal to it, outputs and gradients.
 """
 import functools
-import inspect
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .layers import (
-    LayerNorm2d,
     _cached,
-    decomposed_rel_pos,
     get_2d_sincos_pos_embed,
     resample_abs_pos,
     resize_rel_pos,
     window_partition,
     window_unpartition,
 )
+from .runner import BlockRunner
 
 __all__ = [
     "CONVVIT_SIZES",
@@ -43,13 +39,14 @@ __all__ = [
     "ConvBlock",
     "Attention",
     "TransformerBlock",
+    "ConvViTBase",
     "ConvViT",
     "convvit_kwargs",
+    "check_stage3_indexes",
     "patch_linear",
-    "IMPLS",
+    "cells_to_grid",
+    "cells_from_grid",
 ]
-
-IMPLS = ("fast", "eager")
 
 # embed dims, depths and heads per size. Base is the published ConvMAE-B; small and large follow
 # the ConvMAE-v2 release and are only as exact as its tensor shapes (loaders read sizes from
@@ -71,17 +68,15 @@ def convvit_kwargs(size: str, **overrides) -> dict:
     return kwargs
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+def check_stage3_indexes(indexes: Sequence[int], depth: int, what: str = "window_block_indexes") -> None:
+    """Error naming ``what`` unless every index is a stage-3 block of a ``depth``-block stage."""
+    bad = [i for i in indexes if not 0 <= i < depth]
+    if bad:
+        raise ValueError(f"{what} {list(indexes)} has {bad}, outside the {depth} stage-3 blocks (0..{depth - 1})")
 
 
-def _layer_norm_nhwc(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-
-
-def _pointwise_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv applied to B H W C as a matmul (the weight keeps its conv shape)."""
+def _pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv applied to (..., C) features as a matmul (the weight keeps its conv shape)."""
     return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
@@ -93,35 +88,50 @@ def _conv_nhwc(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def patch_linear(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A conv whose kernel equals its stride, on B H W C, as one matmul over gathered patches
-    (B h w p*p*C); CPU conv backward is several times slower than the matmul's."""
-    B, H, W, C = x.shape
+    """A conv whose kernel equals its stride, on (..., H, W, C), as one matmul over gathered
+    patches (..., h, w, p*p*C); CPU conv backward is several times slower than the matmul's."""
+    *lead, H, W, C = x.shape
     p = conv.kernel_size[0]
-    # B H W C -> B h p w p C -> B h w p p C -> B h w (p p C), the order of weight.permute(0, 2, 3, 1)
-    x = x.reshape(B, H // p, p, W // p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H // p, W // p, p * p * C)
+    # ... H W C -> N h p w p C -> N h w p p C -> ... h w (p p C), the order of weight.permute(0, 2, 3, 1)
+    x = x.reshape(-1, H // p, p, W // p, p, C).permute(0, 1, 3, 2, 4, 5).reshape(*lead, H // p, W // p, p * p * C)
     return F.linear(x, conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
 
 
+def cells_to_grid(y: torch.Tensor, ids_keep: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Visible patch cells B Lv S S C -> the B hS wS C grid, zeros at the masked patches."""
+    B, Lv, S, _, C = y.shape
+    h, w = grid
+    batch = torch.arange(B, device=y.device)[:, None]
+    full = y.new_zeros(B, h * w, S, S, C).index_put((batch, ids_keep), y)
+    # B (h w) S S C -> B h S w S C -> B hS wS C
+    return full.reshape(B, h, w, S, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * S, w * S, C)
+
+
+def cells_from_grid(y: torch.Tensor, ids_keep: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`cells_to_grid` at the visible patches: B hS wS C -> B Lv S S C."""
+    B, _, _, C = y.shape
+    h, w = grid
+    S = y.shape[1] // h
+    batch = torch.arange(B, device=y.device)[:, None]
+    y = y.reshape(B, h, S, w, S, C).permute(0, 1, 3, 2, 4, 5).reshape(B, h * w, S, S, C)
+    return y[batch, ids_keep]
+
+
 class PatchEmbed(nn.Module):
-    """Conv2d with kernel = stride, then channel LayerNorm and GELU. NCHW in, NCHW out."""
+    """Conv with kernel = stride, then LayerNorm and GELU. (..., H, W, C) in, (..., H/p, W/p, C') out."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, norm_eps: float = 1e-5):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = LayerNorm2d(embed_dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.act = nn.GELU()
-        self.patch_size = patch_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.proj(x)))
-
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        """B H W C in, B H/p W/p C' out."""
-        return self.act(_layer_norm_nhwc(self.norm, patch_linear(self.proj, x)))
+        return self.act(self.norm(patch_linear(self.proj, x)))
 
 
 class ConvMlp(nn.Module):
-    """MLP of two 1x1 convs (``fc1``, ``fc2``) on NCHW features."""
+    """MLP of two 1x1 convs (``fc1``, ``fc2``, conv-shaped weights) on (..., C) features."""
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[..., nn.Module] = nn.GELU):
         super().__init__()
@@ -130,69 +140,54 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return _pointwise(self.fc2, self.act(_pointwise(self.fc1, x)))
 
 
 class ConvBlock(nn.Module):
-    """Stage 1-2 block (official ``CBlock``). NCHW in, NCHW out.
+    """Stage 1-2 block (official ``CBlock``) on channels-last features.
 
-    x = x + drop_path(conv2(dwconv5x5(mask * conv1(norm1(x)))))
+    x = x + drop_path(conv2(dwconv5x5(conv1(norm1(x)))))
     x = x + drop_path(mlp(norm2(x)))
 
-    ``mask`` (B 1 H W, 1 = visible, 0 = masked) is the masked convolution of pretraining: the
-    depthwise conv, the only op that mixes positions, never sees a masked position's value.
+    ``forward(x)`` takes a B H W C grid. ``forward(x, ids_keep, grid)`` takes only the visible
+    patches of a masked image, as B Lv S S C cells (S x S cells per 16 x 16 patch): every op but
+    the depthwise conv is per position and runs on the visible cells; the depthwise conv, the
+    only op that mixes positions, runs on the grid with zeros at the masked patches. That is the
+    official masked convolution (the mask multiplies the conv's input), computed sparsely.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-        norm_eps: float = 1e-6,
-        act_layer: Callable[..., nn.Module] = nn.GELU,
-    ):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 act_layer: Callable[..., nn.Module] = nn.GELU):
         super().__init__()
-        self.norm1 = LayerNorm2d(dim, eps=norm_eps)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.conv1 = nn.Conv2d(dim, dim, 1)
         self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # named attn in the checkpoints
         self.conv2 = nn.Conv2d(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm2d(dim, eps=norm_eps)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = self.conv1(self.norm1(x))
-        if mask is not None:
-            y = y * mask
-        x = x + self.drop_path(self.conv2(self.attn(y)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
-
-    def forward_nhwc(
-        self,
-        x: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        depthwise: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    def forward(
+        self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None, grid: Optional[Tuple[int, int]] = None
     ) -> torch.Tensor:
-        """The same block on B H W C features; ``mask`` is B H W 1. ``depthwise`` replaces the
-        call of the depthwise conv, the only op that mixes positions (sparse pretraining runs
-        the block on visible cells and the conv on a zero-filled grid)."""
-        y = _pointwise_nhwc(self.conv1, _layer_norm_nhwc(self.norm1, x))
-        if mask is not None:
-            y = y * mask
-        y = depthwise(y) if depthwise is not None else _conv_nhwc(self.attn, y)
-        x = x + self.drop_path(_pointwise_nhwc(self.conv2, y))
-        y = _pointwise_nhwc(self.mlp.fc1, _layer_norm_nhwc(self.norm2, x))
-        x = x + self.drop_path(_pointwise_nhwc(self.mlp.fc2, self.mlp.act(y)))
-        return x
+        y = _pointwise(self.conv1, self.norm1(x))
+        if ids_keep is None:
+            y = _conv_nhwc(self.attn, y)
+        else:
+            y = cells_from_grid(_conv_nhwc(self.attn, cells_to_grid(y, ids_keep, grid)), ids_keep, grid)
+        x = x + self.drop_path(_pointwise(self.conv2, y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional ViTDet decomposed relative position.
+    """Multi-head self-attention with optional windows and ViTDet decomposed relative position.
 
-    Two implementations compute the same function: ``"sdpa"`` (F.scaled_dot_product_attention)
-    and ``"eager"`` (explicit attention matrix, as in the official code; kept for equivalence
-    tests and benchmarks).
+    ``forward`` takes a B H W C grid, or B N C tokens (global attention without relative
+    position, as on the visible tokens of pretraining). With ``window_size`` > 0 the grid is
+    split into windows, the last ones zero-padded, as in ViTDet, in named steps: project the
+    real tokens (:meth:`_project`, which adds the bias after padding, so the padding is never
+    projected), partition (:meth:`_partition`), attend (:meth:`_attend`), merge and crop
+    (:meth:`_merge`), output projection.
     """
 
     def __init__(
@@ -200,67 +195,80 @@ class Attention(nn.Module):
         dim: int,
         num_heads: int = 8,
         qkv_bias: bool = True,
+        window_size: int = 0,
         use_rel_pos: bool = False,
         rel_pos_size: Optional[Tuple[int, int]] = None,
-        attn_impl: str = "sdpa",
     ):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if attn_impl not in ("sdpa", "eager"):
-            raise ValueError(f"attn_impl must be 'sdpa' or 'eager', got {attn_impl!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.window_size = window_size
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.attn_impl = attn_impl
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:
+            if window_size > 0:
+                rel_pos_size = (window_size, window_size)
             if rel_pos_size is None:
                 raise ValueError("use_rel_pos=True needs rel_pos_size=(H, W) of the attended grid")
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
 
-    def forward(self, x: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """x: (B, N, C) tokens; ``hw`` is the (H, W) grid they form (needed for rel pos)."""
-        return self.proj(self.attend_qkv(self.qkv(x), hw))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # B N C tokens
+            if self.window_size > 0 or self.use_rel_pos:
+                raise ValueError("window attention and relative position need a B H W C grid, got B N C tokens")
+            return self.proj(self._attend(self.qkv(x), None))
+        B, H, W, C = x.shape
+        ws = self.window_size
+        qkv = self._project(x)  # B Hp Wp 3C
+        Hp, Wp = qkv.shape[1:3]
+        if ws > 0:
+            qkv, hw = self._partition(qkv), (ws, ws)  # (B nW) ws ws 3C
+        else:
+            hw = (H, W)
+        out = self._attend(qkv.reshape(-1, hw[0] * hw[1], 3 * C), hw)  # B' N C
+        return self.proj(self._merge(out.view(-1, hw[0], hw[1], C), (Hp, Wp), (H, W)))
 
-    def attend_qkv(self, qkv: torch.Tensor, hw: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """The attention between the projections: (B, N, 3C) qkv -> (B, N, C), before ``proj``."""
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv of the B H W C grid, zero-padded to whole windows. A zero-padded token's qkv is
+        the bias, so the padding is added between the matmul and the bias."""
+        B, H, W, C = x.shape
+        ws = self.window_size
+        pad_h, pad_w = (-H % ws, -W % ws) if ws > 0 else (0, 0)
+        if not (pad_h or pad_w):
+            return self.qkv(x)
+        qkv = F.pad(F.linear(x, self.qkv.weight), (0, 0, 0, pad_w, 0, pad_h))
+        return qkv + self.qkv.bias.to(qkv.dtype) if self.qkv.bias is not None else qkv
+
+    def _partition(self, qkv: torch.Tensor) -> torch.Tensor:
+        """B Hp Wp 3C (whole windows) -> (B nW) ws ws 3C."""
+        return window_partition(qkv, self.window_size)[0]
+
+    def _merge(self, x: torch.Tensor, pad_hw: Tuple[int, int], hw: Tuple[int, int]) -> torch.Tensor:
+        """Attended windows (or the whole grid) -> B H W C, the padding cropped."""
+        if self.window_size > 0:
+            x = window_unpartition(x, self.window_size, pad_hw, pad_hw)
+        if pad_hw != hw:  # crop as one op (a negative pad): slicing H and W is two in the backward
+            x = F.pad(x, (0, 0, 0, hw[1] - pad_hw[1], 0, hw[0] - pad_hw[0]))
+        return x
+
+    def _attend(self, qkv: torch.Tensor, hw: Optional[Tuple[int, int]]) -> torch.Tensor:
+        """(B, N, 3C) qkv -> (B, N, C) attention output, before ``proj``; ``hw`` is the grid the
+        N tokens form (for the relative position)."""
         B, N, C3 = qkv.shape
         C = C3 // 3
-        if self.use_rel_pos and (hw is None or hw[0] * hw[1] != N):
-            raise ValueError(f"relative position needs the token grid: got hw={hw} for {N} tokens")
         # B N 3C -> B N 3 heads d -> 3 B heads N d
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.attn_impl == "sdpa":
-            if self.use_rel_pos:
-                x = self._sdpa_rel_pos(q, k, v, hw)
-            else:
-                x = F.scaled_dot_product_attention(q, k, v)
+        if self.use_rel_pos:
+            x = self._sdpa_rel_pos(q, k, v, hw)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if self.use_rel_pos:
-                attn = attn + self._rel_pos_bias(q, hw)
-            x = attn.softmax(dim=-1) @ v
+            x = F.scaled_dot_product_attention(q, k, v)
         # B heads N d -> B N heads d -> B N C
         return x.transpose(1, 2).reshape(B, N, C)
-
-    def _rel_pos_terms(self, q: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """q: B heads N d -> rel_h (B heads N H), rel_w (B heads N W)."""
-        B, nh, N, d = q.shape
-        rel_h, rel_w = decomposed_rel_pos(q.reshape(B * nh, N, d), self.rel_pos_h, self.rel_pos_w, hw)
-        return rel_h.reshape(B, nh, N, hw[0]), rel_w.reshape(B, nh, N, hw[1])
-
-    def _rel_pos_bias(self, q: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        """The explicit B heads N N logit bias of the official code."""
-        rel_h, rel_w = self._rel_pos_terms(q, hw)
-        B, nh, N, _ = q.shape
-        H, W = hw
-        return (rel_h.view(B, nh, H, W, H)[..., :, None] + rel_w.view(B, nh, H, W, W)[..., None, :]).reshape(
-            B, nh, N, N
-        )
 
     def _sdpa_rel_pos(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Fused attention with the decomposed relative position and no N x N tensor.
@@ -355,11 +363,8 @@ def _zero_rows(rows: int, dim: int, device: torch.device, dtype: torch.dtype) ->
 
 
 class TransformerBlock(nn.Module):
-    """Stage 3 pre-norm ViT block with optional window attention (ViTDet ``Block``).
-
-    Takes a B H W C grid (window attention and rel pos available) or B N C tokens (global
-    attention without rel pos, as in pretraining on visible tokens).
-    """
+    """Stage-3 pre-norm ViT block (ViTDet ``Block``): attention on a B H W C grid (windows and
+    relative position available) or on B N C tokens (global attention)."""
 
     def __init__(
         self,
@@ -373,109 +378,32 @@ class TransformerBlock(nn.Module):
         window_size: int = 0,
         use_rel_pos: bool = False,
         rel_pos_size: Optional[Tuple[int, int]] = None,
-        attn_impl: str = "sdpa",
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        if use_rel_pos and window_size > 0:
-            rel_pos_size = (window_size, window_size)
-        self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos, rel_pos_size=rel_pos_size, attn_impl=attn_impl
-        )
+        self.attn = Attention(dim, num_heads, qkv_bias, window_size, use_rel_pos, rel_pos_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer)
-        self.window_size = window_size
-
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:  # B N C, global attention over a sequence
-            if self.window_size > 0 or self.attn.use_rel_pos:
-                raise ValueError("window attention and relative position need a B H W C grid, got B N C tokens")
-            return self.attn(x)
-        B, H, W, C = x.shape
-        ws = self.window_size
-        if ws == 0:
-            return self.attn(x.reshape(B, H * W, C), (H, W)).view(B, H, W, C)
-        if self.attn.attn_impl == "eager":  # ViTDet: zero-pad the grid, attend in windows, crop
-            x, pad_hw = window_partition(x, ws)  # (B nW) ws ws C
-            x = self.attn(x.reshape(-1, ws * ws, C), (ws, ws)).view(-1, ws, ws, C)
-            return window_unpartition(x, ws, pad_hw, (H, W))
-        # Same function, without projecting the padding: a zero-padded token's qkv is the qkv
-        # bias, so project the H x W tokens without the bias, zero-pad and partition, then add it.
-        bias = self.attn.qkv.bias
-        if (H % ws or W % ws) and bias is not None:
-            qkv, pad_hw = window_partition(F.linear(x, self.attn.qkv.weight), ws)
-            qkv = qkv + bias.to(qkv.dtype)
-        else:
-            qkv, pad_hw = window_partition(self.attn.qkv(x), ws)
-        x = self.attn.attend_qkv(qkv.reshape(-1, ws * ws, 3 * C), (ws, ws)).view(-1, ws, ws, C)
-        x = window_unpartition(x, ws, pad_hw, pad_hw)
-        if pad_hw != (H, W):  # crop as one op (a negative pad): slicing H and W is two in the backward
-            x = F.pad(x, (0, 0, 0, W - pad_hw[1], 0, H - pad_hw[0]))
-        return self.attn.proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self._attend(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-# attention kernels whose outputs activation checkpointing keeps rather than recomputes
-_ATTENTION_OPS = frozenset(
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    )
-    if hasattr(torch.ops.aten, name)
-)
+class ConvViTBase(nn.Module):
+    """The ConvMAE encoder's parameters, named and shaped as in the official checkpoints, built
+    from the block classes a subclass names (``patch_embed_cls``, ``conv_block_cls``,
+    ``vit_block_cls``); subclasses define the computation. :class:`ConvViT` is the product's,
+    :class:`~convmae_det.modeling.reference.ReferenceConvViT` the official one.
 
-
-def _is_qkv_projection(op, args) -> bool:
-    """addmm(bias, x, weight.t()) of a d -> 3d projection: the qkv of an attention block."""
-    if op is not torch.ops.aten.addmm.default or len(args) < 3 or args[2].dim() != 2:
-        return False
-    return args[2].shape[1] == 3 * args[2].shape[0]
-
-
-@functools.lru_cache(maxsize=None)
-def _compile_function(fn: Callable) -> Callable:
-    return torch.compile(fn, dynamic=False)  # one static graph per shape (few shapes: fixed-size inputs)
-
-
-def _compiled_call(fn: Callable, args: tuple) -> Tuple[Callable, tuple]:
-    """The compiled form of a block call: the block's *class* function compiled once, with the
-    block passed as an argument, so that every block of a kind shares the compiled code."""
-    if isinstance(fn, nn.Module):
-        return _compile_function(type(fn).forward), (fn, *args)
-    if inspect.ismethod(fn) and isinstance(fn.__self__, nn.Module):
-        return _compile_function(fn.__func__), (fn.__self__, *args)
-    return fn, args  # a closure: run as it is
-
-
-def _keep_attention_outputs():
-    """Selective checkpointing: recompute everything in the backward pass except the attention
-    kernels and the qkv projections, whose outputs are kept. The forward is then re-run without
-    a quarter of the stage-3 matmuls and without attention, the costliest op of global blocks."""
-
-    def policy(ctx, op, *args, **kwargs):
-        if op in _ATTENTION_OPS or _is_qkv_projection(op, args):
-            return cp.CheckpointPolicy.MUST_SAVE
-        return cp.CheckpointPolicy.PREFER_RECOMPUTE
-
-    return cp.create_selective_checkpoint_contexts(policy)
-
-
-class ConvViT(nn.Module):
-    """ConvMAE encoder: two conv stages (strides 4, 8) and a transformer stage (stride 16).
-
-    ``forward`` takes B 3 H W images with H and W multiples of 16 (a detection backbone further
-    needs multiples of 32 for its stride-32 output) and returns a dict of NCHW features
-    ``{"s4", "s8", "s16", "s32"}`` restricted to ``out_features``; ``s32`` is a 2x2 max pool of
-    ``s16``.
+    Outputs: a dict of NCHW features ``{"s4", "s8", "s16", "s32"}`` restricted to
+    ``out_features``; ``s32`` is a 2x2 max pool of ``s16``.
     """
+
+    patch_embed_cls: type = None
+    conv_block_cls: type = None
+    vit_block_cls: type = None
 
     def __init__(
         self,
@@ -494,10 +422,7 @@ class ConvViT(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_grid: Optional[Tuple[int, int]] = None,
         pos_embed_trainable: bool = True,
-        use_act_checkpoint: bool = False,
-        impl: str = "fast",
         out_features: Sequence[str] = ("s4", "s8", "s16", "s32"),
-        compile_blocks: bool = False,
     ):
         """
         Args:
@@ -512,12 +437,6 @@ class ConvViT(nn.Module):
             rel_pos_grid: (H, W) token grid the global blocks' tables are sized for; defaults
                 to the pretraining grid.
             pos_embed_trainable: False keeps the sin-cos embedding fixed (pretraining).
-            use_act_checkpoint: recompute each block's activations in the backward pass
-                instead of keeping them (training only). On the CPU the outputs of the attention
-                kernels and of the qkv projections are kept, so those are not run twice; on a
-                GPU, and for compiled blocks, each block is recomputed in full.
-            impl: ``"fast"`` or ``"eager"`` (see the module docstring); same parameters.
-            compile_blocks: ``torch.compile`` each block (see :meth:`compile_blocks`).
         """
         super().__init__()
         if len(embed_dims) != 3 or len(depths) != 3:
@@ -525,53 +444,44 @@ class ConvViT(nn.Module):
         unknown = set(out_features) - {"s4", "s8", "s16", "s32"}
         if unknown:
             raise ValueError(f"unknown out_features {sorted(unknown)}; choose from s4, s8, s16, s32")
-        bad = [i for i in window_block_indexes if not 0 <= i < depths[2]]
-        if bad:
-            raise ValueError(f"window_block_indexes {bad} out of range for {depths[2]} stage-3 blocks")
+        check_stage3_indexes(window_block_indexes, depths[2])
         if pretrain_img_size % 16 != 0:
             raise ValueError(f"pretrain_img_size {pretrain_img_size} is not a multiple of 16")
         self.embed_dims = tuple(embed_dims)
         self.depths = tuple(depths)
         self.num_heads = num_heads
         self.pretrain_img_size = pretrain_img_size
-        self.use_act_checkpoint = use_act_checkpoint
-        self._compile = compile_blocks
-        _check_impl(impl)
-        self.impl = impl
         self._out_features = tuple(out_features)
         d1, d2, d3 = embed_dims
 
-        self.patch_embed1 = PatchEmbed(in_chans, d1, 4)
-        self.patch_embed2 = PatchEmbed(d1, d2, 2)
-        self.patch_embed3 = PatchEmbed(d2, d3, 2)
+        self.patch_embed1 = self.patch_embed_cls(in_chans, d1, 4)
+        self.patch_embed2 = self.patch_embed_cls(d1, d2, 2)
+        self.patch_embed3 = self.patch_embed_cls(d2, d3, 2)
         self.patch_embed4 = nn.Linear(d3, d3)
         grid = pretrain_img_size // 16
         self.pos_embed = nn.Parameter(
             get_2d_sincos_pos_embed(d3, grid).unsqueeze(0), requires_grad=pos_embed_trainable
         )
-
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.blocks1 = nn.ModuleList(
-            [ConvBlock(d1, mlp_ratio, dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0])]
+            [self.conv_block_cls(d1, mlp_ratio, dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0])]
         )
         self.blocks2 = nn.ModuleList(
-            [ConvBlock(d2, mlp_ratio, dpr[depths[0] + i], norm_eps=conv_norm_eps) for i in range(depths[1])]
+            [self.conv_block_cls(d2, mlp_ratio, dpr[depths[0] + i], norm_eps=conv_norm_eps) for i in range(depths[1])]
         )
         rel_pos_grid = tuple(rel_pos_grid) if rel_pos_grid else (grid, grid)
-        norm_layer = lambda dim: nn.LayerNorm(dim, eps=1e-6)  # noqa: E731
         self.blocks3 = nn.ModuleList(
             [
-                TransformerBlock(
+                self.vit_block_cls(
                     d3,
                     num_heads,
                     mlp_ratio,
                     qkv_bias=qkv_bias,
                     drop_path=dpr[depths[0] + depths[1] + i],
-                    norm_layer=norm_layer,
+                    norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
                     window_size=window_size if i in window_block_indexes else 0,
                     use_rel_pos=use_rel_pos,
                     rel_pos_size=rel_pos_grid,
-                    attn_impl="sdpa" if impl == "fast" else "eager",
                 )
                 for i in range(depths[2])
             ]
@@ -597,80 +507,64 @@ class ConvViT(nn.Module):
     def out_feature_strides(self) -> Dict[str, int]:
         return {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 
-    def set_impl(self, impl: str) -> None:
-        """Switch between the ``"fast"`` and ``"eager"`` implementations (same parameters)."""
-        _check_impl(impl)
-        self.impl = impl
-        for blk in self.modules():
-            if isinstance(blk, Attention):
-                blk.attn_impl = "sdpa" if impl == "fast" else "eager"
-
-    def compile_blocks(self, enable: bool = True) -> None:
-        """Run every block through ``torch.compile`` (regional compilation: one compiled graph per
-        kind of block and input shape, shared by the blocks of that kind, rather than one graph
-        of the whole encoder). Fewer, fused kernels: on a GPU the eager blocks are bound by the
-        launch of many small kernels. The first step of each shape pays the compilation."""
-        self._compile = enable
-
-    def _run(self, fn: Callable, *args) -> torch.Tensor:
-        """Run a block ``fn(*args)``, compiled and/or checkpointed as configured."""
-        if self._compile:
-            fn, args = _compiled_call(fn, args)
-        if self.use_act_checkpoint and self.training and torch.is_grad_enabled():
-            x = next(a for a in args if torch.is_tensor(a))
-            if x.device.type == "cpu" and not self._compile:
-                return cp.checkpoint(fn, *args, use_reentrant=False, context_fn=_keep_attention_outputs)
-            # Selective checkpointing runs a Python policy for every op. On an H200 (ConvMAE-B,
-            # 1024, bf16, launch-bound) that made the step 2.8x slower in a profile, while
-            # recomputing whole blocks cost +26% in tools/benchmark.py and keeps less. Compiled
-            # blocks are opaque to the policy as well.
-            return cp.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
-    def forward_conv_stages(
-        self, x: torch.Tensor, masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stages 1-2 and the stage-3 patch embedding.
-
-        x: B 3 H W. ``masks``: optional (B 1 H/4 W/4, B 1 H/8 W/8) visibility masks (1 = visible)
-        for masked convolution. Returns (s4: B C1 H/4 W/4, s8: B C2 H/8 W/8, tokens: B H/16 W/16 C3),
-        the tokens after ``patch_embed4`` and before the position embedding.
-        """
+    @staticmethod
+    def _check_input(x: torch.Tensor) -> None:
         H, W = x.shape[-2:]
         if H % 16 or W % 16:
             raise ValueError(f"ConvViT input {H}x{W}: height and width must be multiples of 16")
-        m1, m2 = masks if masks is not None else (None, None)
-        if self.impl == "eager":
-            x = self.patch_embed1(x)
-            for blk in self.blocks1:
-                x = self._run(blk, x, m1)
-            s4 = x
-            x = self.patch_embed2(x)
-            for blk in self.blocks2:
-                x = self._run(blk, x, m2)
-            s8 = x
-            x = self.patch_embed3(x).permute(0, 2, 3, 1)  # B C H W -> B H W C
-        else:
-            # channels-last throughout: B H W C tensors, their NCHW views are channels_last
-            m1, m2 = (m.permute(0, 2, 3, 1) if m is not None else None for m in (m1, m2))
-            x = self.patch_embed1.forward_nhwc(x.permute(0, 2, 3, 1))
-            for blk in self.blocks1:
-                x = self._run(blk.forward_nhwc, x, m1)
-            s4 = x.permute(0, 3, 1, 2)
-            x = self.patch_embed2.forward_nhwc(x)
-            for blk in self.blocks2:
-                x = self._run(blk.forward_nhwc, x, m2)
-            s8 = x.permute(0, 3, 1, 2)
-            x = self.patch_embed3.forward_nhwc(x)
-        return s4, s8, self.patch_embed4(x)
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        s4, s8, x = self.forward_conv_stages(x)
-        x = x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=self.impl == "fast")
-        for blk in self.blocks3:
-            x = self._run(blk, x)
-        s16 = x.permute(0, 3, 1, 2)  # B H W C -> B C H W
+    def _outputs(self, s4: torch.Tensor, s8: torch.Tensor, s16: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The NCHW outputs named by ``out_features``."""
         outs = {"s4": s4, "s8": s8, "s16": s16}
         if "s32" in self._out_features:
             outs["s32"] = F.max_pool2d(s16, kernel_size=2, stride=2)
         return {k: outs[k] for k in self._out_features}
+
+
+class ConvViT(ConvViTBase):
+    """ConvMAE encoder, channels-last throughout (see the module docstring).
+
+    ``forward`` takes B 3 H W images with H and W multiples of 16 (a detection backbone further
+    needs multiples of 32 for its stride-32 output) and returns NCHW views of B H W C memory.
+    How blocks run is set with :meth:`set_grad_checkpointing` and :meth:`set_compile`.
+    """
+
+    patch_embed_cls = PatchEmbed
+    conv_block_cls = ConvBlock
+    vit_block_cls = TransformerBlock
+
+    def __init__(self, *, use_act_checkpoint: bool = False, compile_blocks: bool = False, **kwargs):
+        """``kwargs``: see :class:`ConvViTBase`. ``use_act_checkpoint`` and ``compile_blocks``
+        set :meth:`set_grad_checkpointing` and :meth:`set_compile`."""
+        super().__init__(**kwargs)
+        self.runner = BlockRunner(compile=compile_blocks, checkpoint=use_act_checkpoint)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (training only; see :class:`~convmae_det.modeling.runner.BlockRunner`)."""
+        self.runner.checkpoint = bool(enable)
+
+    def set_compile(self, enable: bool = True) -> None:
+        """Run every block through ``torch.compile``: one compiled graph per class of block and
+        input shape, shared by the blocks of that class, rather than one graph of the whole
+        encoder. The first step of each shape pays the compilation."""
+        self.runner.compile = bool(enable)
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, *args) -> torch.Tensor:
+        for blk in blocks:
+            x = self.runner(blk.forward, x, *args)
+        return x
+
+    def forward_conv_stages(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stages 1-2 and the stage-3 patch embedding of B 3 H W images. Returns B H W C grids:
+        (s4, s8, tokens), the tokens after ``patch_embed4`` and before the position embedding."""
+        self._check_input(x)
+        s4 = self._run(self.blocks1, self.patch_embed1(x.permute(0, 2, 3, 1)))
+        s8 = self._run(self.blocks2, self.patch_embed2(s4))
+        return s4, s8, self.patch_embed4(self.patch_embed3(s8))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s4, s8, x = self.forward_conv_stages(x)
+        x = self._run(self.blocks3, x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=True))
+        # B H W C -> B C H W views
+        return self._outputs(s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2))

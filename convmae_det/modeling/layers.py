@@ -24,13 +24,20 @@ __all__ = [
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dimension of an NCHW tensor.
+    """LayerNorm over the channel dimension of an NCHW tensor, or, with ``channels_last``, of a
+    B H W C tensor (no permute).
 
     Subclasses ``nn.LayerNorm`` so that its parameters are named ``weight``/``bias`` like the
     official checkpoints and so that optimizers that exempt norms from weight decay see it.
     """
 
+    def __init__(self, num_channels: int, eps: float = 1e-5, channels_last: bool = False):
+        super().__init__(num_channels, eps=eps)
+        self.channels_last = channels_last
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         # B C H W -> B H W C -> normalise over C -> B C H W
         x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)

@@ -9,9 +9,15 @@
 Both emit p2-p6 (p6 = LastLevelMaxPool of p5) with ``out_channels`` channels and channel
 LayerNorm. With ``square_pad`` > 0 the input is zero-padded at the bottom and right to a square
 of that size, as ViTDet pads every image to 1024x1024 for the COCO recipe.
+
+Layout: with ``channels_last=True`` (the default) the pyramid's stages are built from small
+modules that take B H W C (:class:`Deconv2x2`, :class:`ConvNHWC`, channel LayerNorms without
+permutes), fed with the B H W C memory behind the encoder's NCHW outputs; with
+``channels_last=False`` they are plain ``nn.Sequential`` NCHW stages of torch and detectron2
+layers, as in the official model (the reference). Both have the same parameter names.
 """
 import math
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,10 +26,17 @@ from detectron2.layers import Conv2d, ShapeSpec
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .convvit import ConvViT, _layer_norm_nhwc
-from .layers import D2LayerNorm, LayerNorm2d
+from .convvit import ConvViTBase
+from .layers import D2LayerNorm
 
-__all__ = ["SimpleFeaturePyramid", "MultiScaleSimpleFeaturePyramid", "pad_to_square", "run_stage_nhwc"]
+__all__ = [
+    "SimpleFeaturePyramid",
+    "MultiScaleSimpleFeaturePyramid",
+    "pad_to_square",
+    "Deconv2x2",
+    "ConvNHWC",
+    "MaxPool2x2NHWC",
+]
 
 
 def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -36,74 +49,88 @@ def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(x, (0, size - W, 0, size - H))
 
 
-def _deconv2x2_nhwc(deconv: nn.ConvTranspose2d, x: torch.Tensor) -> torch.Tensor:
-    """A kernel-2 stride-2 transposed conv on B H W C as one matmul to the 2x2 output cells of
+class Deconv2x2(nn.ConvTranspose2d):
+    """A kernel-2 stride-2 transposed conv on B H W C: one matmul to the 2x2 output cells of
     each input cell, then an interleave: y[2h+i, 2w+j] = x[h, w] @ W[:, :, i, j] + b."""
-    B, H, W, _ = x.shape
-    cout = deconv.out_channels
-    y = F.linear(x, deconv.weight.permute(2, 3, 1, 0).reshape(4 * cout, -1))  # B H W (i j cout)
-    y = y.view(B, H, W, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, cout)
-    return y + deconv.bias.to(y.dtype) if deconv.bias is not None else y  # no fp32 promotion under autocast
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = x.shape
+        cout = self.out_channels
+        y = F.linear(x, self.weight.permute(2, 3, 1, 0).reshape(4 * cout, -1))  # B H W (i j cout)
+        y = y.view(B, H, W, 2, 2, cout).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, cout)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y  # no fp32 promotion under autocast
 
 
-def _is_plain(conv: nn.modules.conv._ConvNd, kernel: int, stride: int) -> bool:
-    return (
-        conv.kernel_size == (kernel, kernel) and conv.stride == (stride, stride) and conv.groups == 1
-        and conv.dilation == (1, 1) and conv.padding in ((0, 0), "valid")
-        and getattr(conv, "output_padding", (0, 0)) == (0, 0)
-    )
+class ConvNHWC(nn.Conv2d):
+    """detectron2's ``Conv2d`` (conv, then optional ``norm`` and ``activation``) on B H W C.
+
+    A 1x1 conv is a matmul over the channels. A spatial conv runs on contiguous NCHW on the
+    CPU, where oneDNN's backward of a channels-last 3x3 conv took 2.4x longer, and on a
+    channels-last view on the GPU."""
+
+    def __init__(self, *args, norm: Optional[nn.Module] = None, activation: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norm = norm
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and self.padding in ((0, 0), "valid"):
+            x = F.linear(x, self.weight.flatten(1), self.bias)
+        else:
+            y = x.permute(0, 3, 1, 2)
+            y = y.contiguous() if y.device.type == "cpu" else y.contiguous(memory_format=torch.channels_last)
+            x = F.conv2d(y, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups).permute(0, 2, 3, 1)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.activation(x) if self.activation is not None else x
 
 
-def _norm_nhwc(norm: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    if norm is None:
-        return x
-    if isinstance(norm, LayerNorm2d):
-        return _layer_norm_nhwc(norm, x)
-    return norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+class MaxPool2x2NHWC(nn.Module):
+    """2x2 stride-2 max pool on B H W C."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)
 
 
-def run_stage_nhwc(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """The fast path of a pyramid stage: B H W C in, B H W C out, the same function as
-    ``stage`` on the NCHW view. 1x1 convs and the kernel-2 stride-2 deconvolutions are matmuls
-    on the token layout and the channel LayerNorms need no permute. A spatial conv runs on
-    contiguous NCHW on the CPU, where oneDNN's backward of a channels-last 3x3 conv took 2.4x
-    longer, and channels-last on the GPU."""
-    for layer in stage:
-        if isinstance(layer, nn.ConvTranspose2d) and _is_plain(layer, 2, 2):
-            x = _deconv2x2_nhwc(layer, x)
-        elif isinstance(layer, LayerNorm2d):
-            x = _norm_nhwc(layer, x)
-        elif isinstance(layer, nn.Conv2d):
-            if _is_plain(layer, 1, 1):
-                x = F.linear(x, layer.weight.flatten(1), layer.bias)
-            else:
-                y = x.permute(0, 3, 1, 2)
-                y = y.contiguous() if y.device.type == "cpu" else y.contiguous(memory_format=torch.channels_last)
-                x = layer._conv_forward(y, layer.weight, layer.bias).permute(0, 2, 3, 1)
-            x = _norm_nhwc(getattr(layer, "norm", None), x)
-            if getattr(layer, "activation", None) is not None:
-                x = layer.activation(x)
-        else:  # elementwise layers and pooling: on the NCHW view
-            x = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    return x
+class _Layers:
+    """The pyramid's layer kinds in one layout: B H W C (``channels_last``) or NCHW, the plain
+    torch and detectron2 layers of the official model. Same parameter names either way."""
 
+    def __init__(self, channels_last: bool, norm_eps: float):
+        self.channels_last, self.eps = channels_last, norm_eps
 
-def _out_convs(in_dim: int, out_channels: int, norm_eps: float = 1e-6):
-    """1x1 conv + LN, then 3x3 conv + LN, both without bias (ViTDet)."""
-    return [
-        Conv2d(in_dim, out_channels, 1, bias=False, norm=D2LayerNorm(out_channels, eps=norm_eps)),
-        Conv2d(out_channels, out_channels, 3, padding=1, bias=False, norm=D2LayerNorm(out_channels, eps=norm_eps)),
-    ]
+    def deconv(self, cin: int, cout: int) -> nn.Module:
+        return Deconv2x2(cin, cout) if self.channels_last else nn.ConvTranspose2d(cin, cout, 2, stride=2)
+
+    def norm(self, channels: int) -> nn.Module:
+        return D2LayerNorm(channels, eps=self.eps, channels_last=self.channels_last)
+
+    def conv(self, cin: int, cout: int, kernel: int) -> nn.Module:
+        cls = ConvNHWC if self.channels_last else Conv2d
+        return cls(cin, cout, kernel, padding=kernel // 2, bias=False, norm=self.norm(cout))
+
+    def pool(self) -> nn.Module:
+        return MaxPool2x2NHWC() if self.channels_last else nn.MaxPool2d(2, 2)
+
+    def out_convs(self, in_dim: int, out_channels: int) -> List[nn.Module]:
+        """1x1 conv + LN, then 3x3 conv + LN, both without bias (ViTDet)."""
+        return [self.conv(in_dim, out_channels, 1), self.conv(out_channels, out_channels, 3)]
 
 
 class _PyramidBase(Backbone):
-    """Shared parts: square padding, input checks, p6 and the output specs."""
+    """Shared parts: square padding, input checks, the layout, p6 and the output specs."""
 
-    def __init__(self, net: ConvViT, out_channels: int, square_pad: int, strides: Sequence[int]):
+    def __init__(self, net: ConvViTBase, out_channels: int, square_pad: int, strides: Sequence[int],
+                 channels_last: bool, norm_eps: float):
         super().__init__()
         self.net = net
         self.top_block = LastLevelMaxPool()
         self.square_pad = square_pad
+        self.channels_last = channels_last
+        self._layers = _Layers(channels_last, norm_eps)
         strides = list(strides) + [strides[-1] * 2]
         self._out_features = [f"p{int(math.log2(s))}" for s in strides]
         self._out_feature_strides = {f: s for f, s in zip(self._out_features, strides)}
@@ -129,11 +156,11 @@ class _PyramidBase(Backbone):
         return x
 
     def _run_stages(self, stages, feats):
-        """Each stage on its NCHW input; the encoder's fast path runs them on B H W C
-        (:func:`run_stage_nhwc`) and returns NCHW views of that memory."""
-        if self.net.impl != "fast":
+        """Each stage on its NCHW input feature; channels-last stages take and give B H W C
+        (the encoder's outputs are NCHW views of B H W C memory, so the permutes are free)."""
+        if not self.channels_last:
             return [stage(f) for stage, f in zip(stages, feats)]
-        return [run_stage_nhwc(stage, f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for stage, f in zip(stages, feats)]
+        return [stage(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for stage, f in zip(stages, feats)]
 
     def _finish(self, results):
         results.extend(self.top_block(results[-1]))
@@ -151,35 +178,31 @@ class SimpleFeaturePyramid(_PyramidBase):
 
     def __init__(
         self,
-        net: ConvViT,
+        net: ConvViTBase,
         *,
         out_channels: int = 256,
         scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
         square_pad: int = 0,
         norm_eps: float = 1e-6,
+        channels_last: bool = True,
     ):
         strides = [int(16 / s) for s in scale_factors]
-        super().__init__(net, out_channels, square_pad, strides)
+        super().__init__(net, out_channels, square_pad, strides, channels_last, norm_eps)
         dim = net.embed_dims[2]
+        L = self._layers
         for scale, stride in zip(scale_factors, strides):
             if scale == 4.0:
-                layers = [
-                    nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
-                    D2LayerNorm(dim // 2, eps=norm_eps),
-                    nn.GELU(),
-                    nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
-                ]
+                layers = [L.deconv(dim, dim // 2), L.norm(dim // 2), nn.GELU(), L.deconv(dim // 2, dim // 4)]
                 in_dim = dim // 4
             elif scale == 2.0:
-                layers, in_dim = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+                layers, in_dim = [L.deconv(dim, dim // 2)], dim // 2
             elif scale == 1.0:
                 layers, in_dim = [], dim
             elif scale == 0.5:
-                layers, in_dim = [nn.MaxPool2d(2, 2)], dim
+                layers, in_dim = [L.pool()], dim
             else:
                 raise ValueError(f"scale factor {scale} is not supported; use 4, 2, 1 or 0.5")
-            layers += _out_convs(in_dim, out_channels, norm_eps)
-            self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*layers))
+            self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*layers, *L.out_convs(in_dim, out_channels)))
         self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -199,26 +222,28 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
 
     def __init__(
         self,
-        net: ConvViT,
+        net: ConvViTBase,
         *,
         out_channels: int = 256,
         square_pad: int = 0,
         norm_eps: float = 1e-6,
         in_features: Sequence[str] = ("s4", "s8", "s16", "s32"),
+        channels_last: bool = True,
     ):
         in_features = list(in_features)
         idx = [self.LEVELS.index(f) if f in self.LEVELS else -1 for f in in_features]
         if not in_features or -1 in idx or idx != list(range(idx[0], idx[0] + len(idx))):
             raise ValueError(f"in_features must be a contiguous run of {list(self.LEVELS)}, got {in_features}")
         strides = [net.out_feature_strides[f] for f in in_features]
-        super().__init__(net, out_channels, square_pad, strides)
+        super().__init__(net, out_channels, square_pad, strides, channels_last, norm_eps)
         missing = set(in_features) - set(net._out_features)
         if missing:
             raise ValueError(f"the encoder does not output {sorted(missing)}; build it with out_features={in_features}")
         channels = net.out_feature_channels
         self._in_features = in_features
         for name, stride in zip(in_features, strides):
-            self.add_module(f"simfp_{int(math.log2(stride))}", nn.Sequential(*_out_convs(channels[name], out_channels, norm_eps)))
+            stage = nn.Sequential(*self._layers.out_convs(channels[name], out_channels))
+            self.add_module(f"simfp_{int(math.log2(stride))}", stage)
         self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
