@@ -157,3 +157,15 @@ def test_official_full_checkpoint_layout_loads_strictly(reference):
     assert ours == convmae_base_pretrain_shapes()
     official = {k: torch.zeros(s) for k, s in convmae_base_pretrain_shapes().items()}
     model.load_state_dict(official, strict=True)
+
+
+def test_sparse_conv_block_traces_to_one_graph():
+    """The sparse stage-1/2 block is a module method with tensor and int arguments, so
+    set_compile covers it: torch.compile captures it whole (it was a closure, never compiled)."""
+    import torch._dynamo
+    from convmae_det.modeling import ConvBlock
+
+    blk = ConvBlock(32)
+    ids_keep = torch.tensor([[0, 2, 3], [1, 2, 3]])
+    explained = torch._dynamo.explain(blk.forward)(torch.randn(2, 3, 4, 4, 32), ids_keep, (2, 2))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
