@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Make detectron2 importable in the running Python environment.
 
-1. If a detectron2 >= 0.6 already imports (a user's source build with CUDA ops, say), nothing
-   is done.
+1. If a detectron2 >= 0.6 already imports (a user's source build with CUDA ops, say), it is
+   kept; only a compiled-ops stand-in (_C.py) that an earlier run of this script wrote is
+   brought up to date with STUB below.
 2. Otherwise upstream v0.6's Python sources are taken from the registry package
    ``pb1-detectron2==0.6`` (an sdist identical, file by file, to upstream tag v0.6, without the
    C++/CUDA sources), patched for current torch, Pillow, numpy and setuptools, and installed
@@ -58,13 +59,10 @@ STUB = '''"""Stand-in for detectron2's compiled ops (written by convmae-det's to
 This detectron2 was installed from upstream v0.6's Python sources without its C++/CUDA ops.
 Mask R-CNN does not need them (it uses torchvision's roi_align and nms). They are needed by
 deformable convolution, rotated boxes (nms_rotated, box_iou_rotated, ROIAlignRotated, RRPN)
-and the fast COCO evaluator; using any of them raises MissingCompiledOpError naming the op.
+and the fast COCO evaluator; looking any of them up raises convmae-det's MissingCompiledOpError
+(convmae_det.utils.compat, an AttributeError) naming the op.
 """
 CONVMAE_DET_STUB = True
-
-
-class MissingCompiledOpError(AttributeError):
-    pass
 
 
 # what detectron2.utils.collect_env asks of the extension when it reports the environment
@@ -83,7 +81,13 @@ def has_cuda():
 def __getattr__(name):
     if name.startswith("__"):
         raise AttributeError(name)
-    raise MissingCompiledOpError(
+    # imported here, not at the top: detectron2 imports this module while it loads, and
+    # convmae_det imports detectron2
+    try:
+        from convmae_det.utils.compat import MissingCompiledOpError as error
+    except ImportError:  # detectron2 used without convmae_det
+        error = AttributeError
+    raise error(
         f"detectron2._C.{name} is a compiled op, and this detectron2 was installed without compiled "
         "ops (pure-Python v0.6 from convmae-det's set-up). Deformable conv, rotated boxes and the "
         "fast COCO evaluator need them: build detectron2 from source (with CUDA) to use them."
@@ -95,6 +99,24 @@ def installed_version():
     code = "import detectron2, sys; sys.stdout.write(detectron2.__version__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return r.stdout.strip() if r.returncode == 0 else None
+
+
+def refresh_stub():
+    """If the detectron2 that imports is one this script installed (its _C.py is the stand-in),
+    rewrite that _C.py when it differs from STUB, so that a changed STUB reaches an existing
+    environment (``make setup`` reruns this script when it changes)."""
+    code = "import importlib.util, sys; sys.stdout.write(importlib.util.find_spec('detectron2._C').origin or '')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    path = r.stdout.strip() if r.returncode == 0 else ""
+    if not path.endswith(".py"):
+        return
+    with open(path) as f:
+        text = f.read()
+    if "\nCONVMAE_DET_STUB = True\n" in text and text != STUB:
+        with open(path + ".tmp", "w") as f:
+            f.write(STUB)
+        os.replace(path + ".tmp", path)  # a process importing detectron2 meanwhile sees one or the other
+        print(f"updated the compiled-ops stand-in {path}")
 
 
 def version_tuple(v):
@@ -135,6 +157,7 @@ def main():
     v = installed_version()
     if v is not None and version_tuple(v) >= (0, 6):
         print(f"detectron2 {v} already imports; using it")
+        refresh_stub()
         return
     if v is not None:
         raise SystemExit(f"detectron2 {v} is installed but convmae-det needs >= 0.6")

@@ -13,15 +13,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 import convmae_det  # noqa: E402,F401
 from convmae_det.engine import setup_cfg  # noqa: E402
+from convmae_det.utils.visualize import draw_predictions  # noqa: E402
 
 
 def main(argv=None):
@@ -46,11 +45,11 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     for path in args.input:
         img = read_image(path, format=cfg.INPUT.FORMAT)
-        instances = predictor(img)["instances"].to("cpu")
+        # the ROI heads already dropped the detections under SCORE_THRESH_TEST (= --score-thresh)
+        instances = predictor(img)["instances"]
         rgb = img if cfg.INPUT.FORMAT == "RGB" else img[:, :, ::-1]
-        vis = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(np.asarray(vis.get_image())).save(out)
+        Image.fromarray(draw_predictions(rgb, instances, metadata)).save(out)
         print(f"{path}: {len(instances)} instances -> {out}")
 
 

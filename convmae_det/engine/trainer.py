@@ -18,13 +18,14 @@ from detectron2.data import (
 from detectron2.data import detection_utils as utils
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
-from detectron2.utils.visualizer import ColorMode, Visualizer
+from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
 from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
 from ..solver import build_optimizer
 from ..utils.compat import check_compiled_ops, has_compiled_ops
+from ..utils.visualize import draw_predictions
 
 __all__ = ["setup_cfg", "Trainer", "check_image_files", "check_weights_fit", "visualize_predictions"]
 
@@ -178,10 +179,8 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
     model.eval()
     paths = []
     for d, inputs in zip(dicts, loader):
-        out = model(inputs)[0]["instances"].to("cpu")
-        out = out[out.scores >= score_thresh]
         img = utils.read_image(d["file_name"], format="RGB")
-        pred = Visualizer(img, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(out).get_image()
+        pred = draw_predictions(img, model(inputs)[0]["instances"], metadata, score_thresh)
         gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
         path = os.path.join(output_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
         Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)

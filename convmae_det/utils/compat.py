@@ -4,8 +4,16 @@ import importlib
 __all__ = ["has_compiled_ops", "check_compiled_ops", "MissingCompiledOpError"]
 
 
-class MissingCompiledOpError(RuntimeError):
-    pass
+class MissingCompiledOpError(AttributeError, RuntimeError):
+    """A compiled op of detectron2 (``detectron2._C``) is asked for but this detectron2 has none.
+
+    Raised by :func:`check_compiled_ops` when a config needs such an op, and by the stand-in
+    ``detectron2/_C.py`` that ``tools/install_detectron2.py`` writes when ``_C.<op>`` is looked up
+    (the stand-in imports this class). An AttributeError because a module's ``__getattr__``
+    must raise one for ``hasattr``/``getattr(_C, name, default)`` and ``from detectron2._C
+    import name`` to keep their meaning; a RuntimeError because that is what it is for code
+    that catches errors of a run.
+    """
 
 
 def has_compiled_ops() -> bool:
