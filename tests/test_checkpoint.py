@@ -1,5 +1,4 @@
 import argparse
-import os
 import subprocess
 import sys
 
@@ -17,16 +16,14 @@ from convmae_det.checkpoint import (
 )
 from convmae_det.engine import setup_cfg
 from convmae_det.pretrain import convmae_pretrain
+from conftest import BASE, ROOT, TINY, tiny_cfg, tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
-BASE = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
-CONVERT = os.path.join(ROOT, "tools", "convert_pretrain.py")
+CONVERT = tool("convert_pretrain.py")
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return build_model(setup_cfg(TINY, ["MODEL.DEVICE", "cpu"]))
+    return build_model(tiny_cfg())
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +103,7 @@ def test_our_pretraining_checkpoint_finetunes_with_no_backbone_key_missing(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "backbone.net.blocks3.0.attn.rel_pos_h" in r.stdout  # listed as initialised
     assert set(torch.load(out, weights_only=True)) == {"model"}
-    model = build_model(setup_cfg(TINY, ["MODEL.DEVICE", "cpu"]))
+    model = build_model(tiny_cfg())
     ckpt = DetectionCheckpointer(model)
     loaded = ckpt._load_file(str(out))
     missing, unexpected = _encoder_missing(model, loaded["model"])

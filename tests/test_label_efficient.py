@@ -11,8 +11,8 @@ from detectron2.data import DatasetCatalog
 
 from convmae_det.data import ShapesSpec, generate_shapes_dataset, generate_shapes_pool, prepare_builtin_datasets, write_labeled_subset
 from convmae_det.utils import seed_grid
+from conftest import TINY, tool
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = ShapesSpec(num_train=10, num_val=5, image_size=64, min_size=12, max_size=30, seed=7)
 
 
@@ -83,9 +83,8 @@ def test_seed_grid_runs_each_cell_once_and_tabulates_mean_and_std(tmp_path, monk
     monkeypatch.setattr(seed_grid.subprocess, "call", fake_train_net)
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"x")
-    scratch = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
     argv = ["--out", str(tmp_path / "grid"), "--labeled", "100", "300", "--seeds", "0", "1", "2",
-            "--init", f"random={scratch}", "--init", f"pretrained={scratch}:{weights}"]
+            "--init", f"random={TINY}", "--init", f"pretrained={TINY}:{weights}"]
     rows = seed_grid.main(argv)
     assert len(calls) == 12
     by = {(r["init"], r["labeled"]): r for r in rows}
@@ -111,8 +110,7 @@ def test_seed_grid_runs_each_cell_once_and_tabulates_mean_and_std(tmp_path, monk
 
 
 def test_seed_grid_rejects_bad_arguments(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "seed_grid.py"), "--out", str(tmp_path), "--labeled", "0",
-           "--init", "a=" + os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")]
+    cmd = [sys.executable, tool("seed_grid.py"), "--out", str(tmp_path), "--labeled", "0", "--init", "a=" + TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "positive integer" in r.stderr
     cmd[cmd.index("0")] = "10"

@@ -1,7 +1,6 @@
 """The COCO configs compute the official ConvMAE-Det recipe: every parameter's (lr, weight decay)
 and the LSJ training pipeline."""
 import copy
-import os
 import re
 
 import numpy as np
@@ -13,10 +12,8 @@ from convmae_det.data import build_train_mapper
 from convmae_det.engine import setup_cfg
 from convmae_det.modeling import D2LayerNorm
 from convmae_det.solver import build_optimizer
+from conftest import BASE, tiny_cfg
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
-TINY = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
 
 # Written from the official rule (reference section 4, Official-ConvMAE-Det), not from the code:
 # - lr: 1e-4 * 0.8 ** (num_layers + 1 - layer_id), num_layers = 11; get_vit_lr_decay_rate puts the
@@ -101,7 +98,7 @@ def test_lsj_mapper_leaves_small_images_unpadded_and_model_pads_them():
         dm.utils.read_image = orig
 
     # the model pads the small images to the square and keeps their real sizes
-    tiny = setup_cfg(TINY, ["MODEL.DEVICE", "cpu", "MODEL.CONVMAE.SQUARE_PAD", "256"])
+    tiny = tiny_cfg("MODEL.CONVMAE.SQUARE_PAD", "256")
     model = build_model(tiny).eval()
     seen = {}
     model.backbone.net.register_forward_pre_hook(lambda m, args: seen.update(shape=tuple(args[0].shape)))

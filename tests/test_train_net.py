@@ -6,9 +6,7 @@ import sys
 import pytest
 
 from convmae_det.data import ShapesSpec, generate_shapes_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.yaml")
+from conftest import ROOT, TINY, tool
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +17,7 @@ def dataset(tmp_path_factory):
 
 def run_train_net(dataset, out, *extra, opts=()):
     cmd = [
-        sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", TINY,
+        sys.executable, tool("train_net.py"), "--config-file", TINY,
         "--register", "t_train", dataset["train"], os.path.join(dataset["root"], "train"),
         "--register", "t_val", dataset["val"], os.path.join(dataset["root"], "val"),
         *extra,
@@ -48,7 +46,7 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", TINY,
+    cmd = [sys.executable, tool("train_net.py"), "--config-file", TINY,
            "--register", "x", str(tmp_path / "nope.json"), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "nope.json" in r.stderr and "does not exist" in r.stderr
