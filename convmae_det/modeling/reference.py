@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from timm.layers import DropPath, Mlp
 
-from .convvit import ConvViTBase
+from .convvit import ConvMlp, ConvViTBase
 from .layers import LayerNorm2d, decomposed_rel_pos, resample_abs_pos, window_partition, window_unpartition
 from .mae import MAEMixin
 from .masking import grid_of, upsample_mask
@@ -57,12 +57,8 @@ class ReferencePatchEmbed(nn.Module):
         return self.act(self.norm(self.proj(x)))
 
 
-class _ReferenceConvMlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[..., nn.Module] = nn.GELU):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+class _ReferenceConvMlp(ConvMlp):
+    """The same parameters as :class:`~convmae_det.modeling.convvit.ConvMlp`, on NCHW."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -1,7 +1,6 @@
-from .model import (
-    ConvMAE,
+"""ConvMAE pretraining: the model, and the mask and patch functions it uses."""
+from ..modeling.masking import (
     complementary_masks,
-    convmae_pretrain,
     grid_of,
     patch_mean_std,
     patchify,
@@ -9,6 +8,7 @@ from .model import (
     unpatchify,
     upsample_mask,
 )
+from .model import ConvMAE, convmae_pretrain
 
 __all__ = [
     "ConvMAE",

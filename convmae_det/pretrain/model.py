@@ -16,27 +16,9 @@ import torch
 from ..modeling.convvit import ConvViT, convvit_kwargs, patch_linear
 from ..modeling.layers import resample_abs_pos
 from ..modeling.mae import MAEMixin
-from ..modeling.masking import (
-    complementary_masks,
-    grid_of,
-    patch_mean_std,
-    patchify,
-    random_masking,
-    unpatchify,
-    upsample_mask,
-)
+from ..modeling.masking import grid_of
 
-__all__ = [
-    "ConvMAE",
-    "convmae_pretrain",
-    "random_masking",
-    "complementary_masks",
-    "upsample_mask",
-    "patchify",
-    "unpatchify",
-    "patch_mean_std",
-    "grid_of",
-]
+__all__ = ["ConvMAE", "convmae_pretrain"]
 
 
 class ConvMAE(MAEMixin, ConvViT):
