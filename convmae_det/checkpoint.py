@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .modeling.layers import resample_abs_pos
+from .utils.fileio import atomic_write
 
 __all__ = [
     "CheckpointError",
@@ -223,14 +224,6 @@ def convert_state_dict(
 
 
 def save_weights(state_dict: Dict[str, torch.Tensor], path: str) -> None:
-    """Write ``{"model": state_dict}`` (tensors only) atomically: a temporary file in the same
-    folder, renamed over ``path`` when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        torch.save({"model": state_dict}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``{"model": state_dict}`` (tensors only) atomically (:func:`~convmae_det.utils.fileio.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
+        torch.save({"model": state_dict}, f)

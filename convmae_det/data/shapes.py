@@ -28,6 +28,8 @@ from PIL import Image, ImageDraw
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.ops import unary_union
 
+from ..utils.fileio import atomic_write
+
 __all__ = [
     "SHAPE_CLASSES",
     "ShapesSpec",
@@ -302,10 +304,8 @@ def write_labeled_subset(root: str, num_images: int) -> str:
                     return path
         except (OSError, ValueError):
             pass
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(subset, f)
-    os.replace(tmp, path)
     return path
 
 

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Dict, List
 
+from .fileio import atomic_write
+
 __all__ = ["main", "final_metrics", "summarize", "markdown", "plot"]
 
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
@@ -137,10 +139,8 @@ def run_cell(args, train_net: str, name: str, config: str, weights: str, labeled
     result = dict(init=name, config=config, weights=weights, labeled=labeled, seed=seed, command=cmd[1:],
                   fingerprint=key, seconds=round(time.time() - t0, 1),
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"), **final_metrics(os.path.join(out, "metrics.json")))
-    tmp = result_file + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(result_file) as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, result_file)
     echo_copypaste(name, labeled, seed, out)
     return dict(result, how="run now")
 
