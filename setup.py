@@ -11,7 +11,7 @@ setup(
         "torch>=2.1",
         "torchvision",
         "fvcore",
-        "timm>=0.9",
+        "timm>=1.0.12",  # timm.optim.param_groups_weight_decay
         "pycocotools>=2.0.2",
         "shapely",
         "numpy",

@@ -16,14 +16,13 @@ The effective batch is batch-size x GPUs x accumulation steps.
 Every --checkpoint-every steps (and at the end) OUTPUT/checkpoint.pth is replaced atomically
 (official key names under "model"; convert it with tools/convert_pretrain.py) and
 OUTPUT/vis/step_XXXXXX.png shows original / masked / reconstruction rows.
+The run itself (model, data, steps, checkpoints) is convmae_det.pretrain.engine.
 """
 import argparse
 import datetime
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import time
 
@@ -31,20 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torchvision.transforms as T  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
-from convmae_det.pretrain import complementary_masks, convmae_pretrain, random_masking  # noqa: E402
-from convmae_det.pretrain.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images  # noqa: E402
-from convmae_det.pretrain.engine import (  # noqa: E402
-    build_param_groups,
-    lr_at_step,
-    mask_generator,
-    reconstruction_grid,
-    save_checkpoint,
-)
-
-logger = logging.getLogger("convmae_det.pretrain")
+from convmae_det.pretrain import engine  # noqa: E402
 
 
 def get_args(argv=None):
@@ -54,9 +41,8 @@ def get_args(argv=None):
     p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"])
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--mask-ratio", type=float, default=0.75)
-    p.add_argument("--decoder-dim", type=int, default=512)
-    p.add_argument("--decoder-depth", type=int, default=8)
-    p.add_argument("--decoder-heads", type=int, default=16)
+    for part, default in (("dim", 512), ("depth", 8), ("heads", 16)):
+        p.add_argument(f"--decoder-{part}", type=int, default=default)
     p.add_argument("--no-norm-pix-loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, default=None)
@@ -78,207 +64,53 @@ def get_args(argv=None):
     p.add_argument("--complementary", type=int, default=0, metavar="K",
                    help="K > 1: K disjoint masks per image per step (mask ratio 1 - 1/K, FastConvMAE); "
                         "every patch is a target each step, at K times the per-image cost")
-    p.add_argument("--dense-conv-stages", action="store_true",
-                   help="run stages 1-2 on the full grid as the official code does (same loss, more FLOPs)")
+    p.add_argument("--dense-conv-stages", action="store_true", help="run the reference model, the official computation with dense stages 1-2 (same loss, slower)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="a checkpoint, or OUTPUT/checkpoint.pth if none given")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in an OUTPUT that holds one: its checkpoint, log and TensorBoard events are removed")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one: its checkpoint, log and TensorBoard events are removed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     return p.parse_args(argv)
 
 
 def setup_distributed(device_arg):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    """(device, rank, world size) from torchrun's environment; joins the process group if world > 1."""
+    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
     use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return device, rank, world
-
-
-RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")
-
-
-def prepare_output(output: str, resume: bool, overwrite: bool, rank: int) -> None:
-    """A new run refuses an OUTPUT holding an earlier run's files unless --overwrite removes them:
-    appending a second run's log to the first one's would leave a log of two runs mixed."""
-    if resume:
-        return
-    found = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
-    if not found:
-        return
-    if not overwrite:
-        raise SystemExit(
-            f"{output} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
-            "--overwrite to start over in it, or another --output"
-        )
-    if rank == 0:
-        for f in found:
-            path = os.path.join(output, f)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        logger.info(f"--overwrite: removed {', '.join(found)} from {output}")
-
-
-def trim_log(path: str, step: int) -> None:
-    """Drop the log lines after the checkpoint's step (written before an interruption), so that
-    the resumed run logs each step once."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    return (torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")), rank, world
 
 
 def main(argv=None):
     args = get_args(argv)
     device, rank, world = setup_distributed(args.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s pretrain] %(message)s")
-    os.makedirs(args.output, exist_ok=True)
-    prepare_output(args.output, resume=args.resume is not None, overwrite=args.overwrite, rank=rank)
-
-    files = list_images(args.data)
-    if args.effective_batch:
-        per_step = args.batch_size * world
-        if args.effective_batch % per_step:
-            raise SystemExit(f"--effective-batch {args.effective_batch} is not a multiple of batch-size x processes = {per_step}")
-        args.accum_iter = args.effective_batch // per_step
-    eff_batch = args.batch_size * world * args.accum_iter
-    steps_per_epoch = max(1, len(files) // eff_batch)
-    total = args.steps or (round(args.epochs * steps_per_epoch) if args.epochs else 1000)
-    if args.warmup_steps is not None:
-        warmup = args.warmup_steps
-    elif args.warmup_epochs is not None:
-        warmup = round(args.warmup_epochs * steps_per_epoch)
-    else:
-        warmup = min(40 * steps_per_epoch, total // 4)
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    logger.info(
-        f"{len(files)} images, {world} process(es), batch {args.batch_size} x {world} x accum {args.accum_iter} = {eff_batch}, "
-        f"{total} steps ({total / steps_per_epoch:.1f} epochs), warm-up {warmup}, lr {lr:.3g}"
-    )
-
-    torch.manual_seed(args.seed)  # same initial weights in every process and every run
-    model = convmae_pretrain(
-        args.size, img_size=args.img_size, decoder_embed_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-        decoder_num_heads=args.decoder_heads, norm_pix_loss=not args.no_norm_pix_loss,
-        drop_path_rate=args.drop_path, use_act_checkpoint=args.act_checkpoint, sparse=not args.dense_conv_stages,
-    ).to(device)
-    optimizer = torch.optim.AdamW(build_param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    amp_dtype = None
-    if device.type == "cuda" and args.amp != "off":
-        amp_dtype = torch.float16 if args.amp == "fp16" or (args.amp == "auto" and not torch.cuda.is_bf16_supported()) else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    start_step = 0
-    ckpt_path = os.path.join(args.output, "checkpoint.pth") if args.resume == "auto" else args.resume
-    if ckpt_path:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"--resume: {ckpt_path} does not exist")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_step = int(ckpt["step"])
-        logger.info(f"resumed from {ckpt_path} at step {start_step}")
-        if rank == 0:
-            trim_log(os.path.join(args.output, "log.jsonl"), start_step)
-    raw_model = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    transform = T.Compose([
-        T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-    dataset = ImageFolderDataset(args.data, transform, seed=args.seed, files=files)
-    micro_per_step = args.accum_iter
-    sampler = ResumableSampler(len(files), args.seed, start=start_step * micro_per_step * args.batch_size, rank=rank, num_replicas=world)
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-    )
-    vis_dataset = ImageFolderDataset(args.data, T.Compose([
-        T.Resize(args.img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(args.img_size),
-        T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]), files=files[:: max(1, len(files) // 8)][:8])
-    writer = None
+    engine.prepare_output(args.output, resume=args.resume is not None, overwrite=args.overwrite, rank=rank)
+    run = engine.build_run(args, device, rank, world)  # sets args.accum_iter from --effective-batch, writes args.json
+    engine.logger.info(f"{run.num_images} images, {world} process(es), batch {args.batch_size} x {world} x accum {run.accum} = {run.eff_batch}, "
+                       f"{run.total} steps ({run.total / run.steps_per_epoch:.1f} epochs), warm-up {run.warmup}, lr {run.lr:.3g}")
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(os.path.join(args.output, "tb"))
-        with open(os.path.join(args.output, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-
-    model.train()
-    data_iter = iter(loader)
+        log_file = open(os.path.join(args.output, "log.jsonl"), "a", buffering=1)  # line-buffered: no step lost
     t0, imgs_seen = time.time(), 0
-    log_file = open(os.path.join(args.output, "log.jsonl"), "a") if rank == 0 else None
-    for step in range(start_step, total):
-        cur_lr = lr_at_step(step, total, warmup, lr, args.min_lr)
-        for g in optimizer.param_groups:
-            g["lr"] = cur_lr
-        loss_sum = 0.0
-        for micro in range(args.accum_iter):
-            imgs = next(data_iter).to(device, non_blocking=True)
-            gen = mask_generator(args.seed, step, micro, rank)
-            torch.manual_seed(args.seed * 7_919 + step * 131 + micro)  # drop path, resumable
-            grid = (args.img_size // 16, args.img_size // 16)
-            if args.complementary > 1:
-                views = complementary_masks(imgs.shape[0], grid, args.complementary, generator=gen)
-                mask = views.reshape(-1, views.shape[-1]).to(device)  # view-major, as imgs.repeat below
-                imgs = imgs.repeat(args.complementary, 1, 1, 1)
-            else:
-                mask = random_masking(imgs.shape[0], grid, args.mask_ratio, generator=gen).to(device)
-            sync = micro == args.accum_iter - 1 or world == 1
-            ctx = model.no_sync() if (world > 1 and not sync) else torch.enable_grad()
-            with ctx, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss, _, _ = model(imgs, mask=mask)
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"loss is {loss.item()} at step {step}: stopping (lower the lr or use --amp bf16)")
-            scaler.scale(loss / args.accum_iter).backward()
-            loss_sum += loss.item() / args.accum_iter
-            imgs_seen += imgs.shape[0] // max(args.complementary, 1) * world
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if rank == 0 and (done % args.log_every == 0 or done == total or step == start_step):
+    for step, loss, lr, images in engine.train(run):
+        done, imgs_seen = step + 1, imgs_seen + images * world
+        if rank == 0:
+            log_file.write(json.dumps({"step": done, "loss": loss, "lr": lr}) + "\n")
+        if rank == 0 and (done % args.log_every == 0 or done == run.total or step == run.start_step):
             elapsed = time.time() - t0
             ips = imgs_seen / max(elapsed, 1e-9)
-            eta = datetime.timedelta(seconds=int((total - done) * elapsed / max(done - start_step, 1)))
-            logger.info(f"step {done}/{total} epoch {done / steps_per_epoch:.2f} loss {loss_sum:.4f} lr {cur_lr:.3e} {ips:.1f} img/s eta {eta}")
-            writer.add_scalar("train/loss", loss_sum, done)
-            writer.add_scalar("train/lr", cur_lr, done)
-            writer.add_scalar("train/images_per_s", ips, done)
-            log_file.write(json.dumps({"step": done, "loss": loss_sum, "lr": cur_lr}) + "\n")
-            log_file.flush()
-        elif rank == 0:
-            log_file.write(json.dumps({"step": done, "loss": loss_sum, "lr": cur_lr}) + "\n")
-        stop = args.stop_at is not None and done >= args.stop_at
-        if rank == 0 and (done % args.checkpoint_every == 0 or done == total or stop):
-            save_checkpoint(os.path.join(args.output, "checkpoint.pth"), raw_model, optimizer, scaler, done, vars(args))
-            path = reconstruction_grid(raw_model, vis_dataset, args.mask_ratio, os.path.join(args.output, "vis", f"step_{done:06d}.png"), device)
-            logger.info(f"saved {os.path.join(args.output, 'checkpoint.pth')} and {path}")
-        if stop:
-            logger.info(f"stopping after step {done} (--stop-at); continue with --resume")
-            break
-    if log_file:
+            eta = datetime.timedelta(seconds=int((run.total - done) * elapsed / max(done - run.start_step, 1)))
+            engine.logger.info(f"step {done}/{run.total} epoch {done / run.steps_per_epoch:.2f} loss {loss:.4f} lr {lr:.3e} {ips:.1f} img/s eta {eta}")
+            for name, value in (("loss", loss), ("lr", lr), ("images_per_s", ips)):
+                writer.add_scalar(f"train/{name}", value, done)
+    if rank == 0:
         log_file.close()
-    if writer:
         writer.close()
     if world > 1:
         dist.destroy_process_group()

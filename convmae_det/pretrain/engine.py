@@ -1,24 +1,70 @@
-"""Pieces of the pretraining loop that are worth testing on their own."""
+"""The ConvMAE pretraining run: everything of ``tools/pretrain.py`` but its command line.
+
+As upstream ConvMAE splits ``main_pretrain.py`` from ``engine_pretrain.py``, the tool keeps the
+arguments, the process set-up and the logging, and calls:
+
+- :func:`build_run`: model, optimizer (:func:`build_optimizer`), grad scaler, data loader
+  (:func:`train_transform`) and schedule from the tool's options, resumed from a checkpoint
+  when asked (:func:`resume`);
+- :func:`train`: the steps, yielding (step, loss, lr, images) after each; it checkpoints
+  (:func:`save_checkpoint`) and draws a :func:`reconstruction_grid` every ``checkpoint_every``
+  steps, at the end and at ``stop_at``;
+- :func:`train_step`: one optimizer step over the micro-batches of gradient accumulation;
+- :func:`prepare_output` and :func:`trim_log`: what an OUTPUT folder may hold.
+
+Resumable: a step's random draws depend only on (seed, step, micro-batch, rank): the masks come
+from :func:`mask_generator`, drop path from the global seed set by :func:`step_seed`, the crops
+from the sample's key (:class:`~.data.ImageFolderDataset`), so a resumed run repeats the loss
+curve of an uninterrupted one. Errors a user fixes on the command line raise
+:class:`PretrainError`, with a message naming the file or option.
+"""
+import argparse
+import contextlib
+import json
+import logging
 import math
 import os
-from typing import Dict, List
+import shutil
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torchvision.transforms as T
+from timm.optim import param_groups_weight_decay
+from torch.utils.data import DataLoader
 
-from .model import ConvMAE, patchify, random_masking, unpatchify
+from ..modeling.masking import grid_of, patch_mean_std, patchify, unpatchify
+from ..utils.fileio import atomic_write
+from . import convmae_pretrain
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images
 
-__all__ = ["build_param_groups", "lr_at_step", "mask_generator", "save_checkpoint", "reconstruction_grid"]
+__all__ = [
+    "PretrainError",
+    "Run",
+    "build_run",
+    "build_optimizer",
+    "train",
+    "train_step",
+    "lr_at_step",
+    "mask_generator",
+    "step_seed",
+    "train_transform",
+    "vis_transform",
+    "prepare_output",
+    "trim_log",
+    "resume",
+    "save_checkpoint",
+    "reconstruction_grid",
+]
+
+logger = logging.getLogger("convmae_det.pretrain")
+RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")
 
 
-def build_param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
-    """No weight decay on biases and 1-D parameters (norms), as in MAE; frozen ones skipped."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+class PretrainError(SystemExit):
+    """An error the user fixes on the command line; a :class:`SystemExit`, so that the tool
+    stops with its message rather than a traceback."""
 
 
 def lr_at_step(step: int, total: int, warmup: int, lr: float, min_lr: float = 0.0) -> float:
@@ -34,9 +80,71 @@ def mask_generator(seed: int, step: int, micro: int = 0, rank: int = 0) -> torch
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 64 + micro) * 1024 + rank)
 
 
-def save_checkpoint(path: str, model: ConvMAE, optimizer, scaler, step: int, args: Dict) -> None:
-    """Write the checkpoint (official names under "model") to a temporary file, then rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def step_seed(seed: int, step: int, micro: int = 0) -> None:
+    """Seed the global generator (drop path) from (seed, step, micro-batch): resumable."""
+    torch.manual_seed(seed * 7_919 + step * 131 + micro)
+
+
+def train_transform(img_size: int) -> T.Compose:
+    """The recipe's augmentation: RandomResizedCrop(img_size, scale 0.2-1.0, bicubic) and flip."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def vis_transform(img_size: int) -> T.Compose:
+    """Deterministic input of the reconstruction grids: bicubic resize, then a center crop."""
+    return T.Compose([
+        T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with betas 0.9/0.95 and no weight decay on biases and 1-D parameters (norms), as in
+    MAE (timm's ``param_groups_weight_decay``); frozen parameters are left out."""
+    return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+
+
+def prepare_output(output: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
+    """A new run refuses an OUTPUT holding an earlier run's files unless ``overwrite`` removes
+    them (on rank 0): appending a second run's log to the first one's would mix two runs."""
+    if resume:
+        return
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
+    if not found:
+        return
+    if not overwrite:
+        raise PretrainError(
+            f"{output} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
+            "--overwrite to start over in it, or another --output"
+        )
+    if rank == 0:
+        for f in found:
+            path = os.path.join(output, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        logger.info(f"--overwrite: removed {', '.join(found)} from {output}")
+
+
+def trim_log(path: str, step: int) -> None:
+    """Drop the log lines after the checkpoint's step (written before an interruption), so that
+    the resumed run logs each step once. The file is replaced atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_write(path) as f:
+        f.writelines(lines)
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer, scaler, step: int, args: dict) -> None:
+    """Write model (official key names), optimizer, scaler, step and the plain-valued ``args``
+    to ``path`` atomically: a reader never sees half a checkpoint."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -44,35 +152,212 @@ def save_checkpoint(path: str, model: ConvMAE, optimizer, scaler, step: int, arg
         "step": step,
         "args": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    tmp = f"{path}.tmp{os.getpid()}"
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
+
+
+def resume(path: str, model: nn.Module, optimizer=None, scaler=None) -> int:
+    """Load a :func:`save_checkpoint` file into ``model`` (strict), ``optimizer`` and ``scaler``
+    (those given); return its step. :class:`PretrainError` naming ``path`` if it does not exist,
+    cannot be read or does not fit."""
+    if not os.path.isfile(path):
+        raise PretrainError(f"--resume: {path} does not exist")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: zip, pickle and type errors
+        raise PretrainError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        return int(ckpt["step"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise PretrainError(f"--resume: {path} does not fit this run ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class Run:
+    """What :func:`build_run` builds: the pieces of a run and its schedule."""
+
+    opts: argparse.Namespace  # the tool's options
+    model: nn.Module  # what the steps call: DistributedDataParallel around raw_model if world > 1
+    raw_model: nn.Module  # the ConvMAE itself: checkpoints and reconstruction grids
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: Optional[torch.dtype]  # autocast dtype, None = fp32
+    loader: DataLoader  # endless: the sampler starts at the resumed step's position
+    vis_dataset: ImageFolderDataset  # 8 images spread over the folder, center crops
+    device: torch.device
+    rank: int
+    world: int
+    num_images: int
+    accum: int  # micro-batches per optimizer step
+    eff_batch: int  # batch_size x world x accum
+    steps_per_epoch: int
+    total: int  # optimizer steps of the schedule
+    warmup: int
+    lr: float  # peak lr
+    start_step: int  # 0, or the resumed checkpoint's step
+
+
+def build_run(opts, device: torch.device, rank: int = 0, world: int = 1) -> Run:
+    """Everything a run needs, from the options of ``tools/pretrain.py`` (its argparse namespace,
+    or a dict of the same keys; see its ``--help``): the accumulation from ``effective_batch``
+    (written back to ``run.opts.accum_iter``), the schedule in steps, the model
+    (``convmae_pretrain``; the reference with ``dense_conv_stages``) with the same initial
+    weights in every process, AdamW, AMP, the checkpoint of ``resume`` (``"auto"``:
+    OUTPUT/checkpoint.pth; on rank 0 OUTPUT/log.jsonl is trimmed to its step) and a data loader
+    that continues where the checkpoint stopped. Rank 0 records the options as run in
+    OUTPUT/args.json. Call :func:`prepare_output` first."""
+    opts = argparse.Namespace(**opts) if isinstance(opts, dict) else opts
+    files = list_images(opts.data)
+    if opts.effective_batch:
+        per_step = opts.batch_size * world
+        if opts.effective_batch % per_step:
+            raise PretrainError(f"--effective-batch {opts.effective_batch} is not a multiple of batch-size x processes = {per_step}")
+        opts.accum_iter = opts.effective_batch // per_step
+    eff_batch = opts.batch_size * world * opts.accum_iter
+    steps_per_epoch = max(1, len(files) // eff_batch)
+    total = opts.steps or (round(opts.epochs * steps_per_epoch) if opts.epochs else 1000)
+    if opts.warmup_steps is not None:
+        warmup = opts.warmup_steps
+    elif opts.warmup_epochs is not None:
+        warmup = round(opts.warmup_epochs * steps_per_epoch)
+    else:
+        warmup = min(40 * steps_per_epoch, total // 4)
+    lr = opts.lr if opts.lr is not None else opts.blr * eff_batch / 256
+
+    torch.manual_seed(opts.seed)  # same initial weights in every process and every run
+    model = convmae_pretrain(
+        opts.size, reference=opts.dense_conv_stages, img_size=opts.img_size, decoder_embed_dim=opts.decoder_dim,
+        decoder_depth=opts.decoder_depth, decoder_num_heads=opts.decoder_heads, norm_pix_loss=not opts.no_norm_pix_loss,
+        drop_path_rate=opts.drop_path, use_act_checkpoint=opts.act_checkpoint,
+    ).to(device)
+    optimizer = build_optimizer(model, lr, opts.weight_decay)
+    amp_dtype = None
+    if device.type == "cuda" and opts.amp != "off":
+        bf16 = opts.amp == "bf16" or (opts.amp == "auto" and torch.cuda.is_bf16_supported())
+        amp_dtype = torch.bfloat16 if bf16 else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    start_step = 0
+    ckpt_path = os.path.join(opts.output, "checkpoint.pth") if opts.resume == "auto" else opts.resume
+    if ckpt_path:
+        start_step = resume(ckpt_path, model, optimizer, scaler)
+        logger.info(f"resumed from {ckpt_path} at step {start_step}")
+        if rank == 0:
+            trim_log(os.path.join(opts.output, "log.jsonl"), start_step)
+    wrapped = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = ImageFolderDataset(opts.data, train_transform(opts.img_size), seed=opts.seed, files=files)
+    start = start_step * opts.accum_iter * opts.batch_size
+    sampler = ResumableSampler(len(files), opts.seed, start=start, rank=rank, num_replicas=world)
+    loader = DataLoader(
+        dataset, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.num_workers,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=opts.num_workers > 0,
+    )
+    vis_dataset = ImageFolderDataset(opts.data, vis_transform(opts.img_size), files=files[:: max(1, len(files) // 8)][:8])
+    if rank == 0:
+        with atomic_write(os.path.join(opts.output, "args.json")) as f:
+            json.dump(vars(opts), f, indent=1)
+    return Run(opts, wrapped, model, optimizer, scaler, amp_dtype, loader, vis_dataset, device, rank, world,
+               len(files), opts.accum_iter, eff_batch, steps_per_epoch, total, warmup, lr, start_step)
+
+
+def train_step(
+    model: nn.Module,
+    batches: Iterator[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    *,
+    step: int,
+    lr: float,
+    accum: int = 1,
+    seed: int = 0,
+    rank: int = 0,
+    mask_ratio: float = 0.75,
+    complementary: int = 0,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Tuple[float, int]:
+    """One optimizer step at ``lr`` over ``accum`` micro-batches taken from ``batches`` (B 3 H W
+    on the model's device).
+
+    Per micro-batch: :func:`step_seed`, then the model draws its own masks from
+    :func:`mask_generator` (``complementary`` = K > 1: K disjoint masks per image, the model
+    repeats the images K times), and ``loss / accum`` is backpropagated; under DDP the gradients
+    are synchronised on the last micro-batch only. Returns (the micro-batches' mean loss, the
+    number of images taken, before any repetition). :class:`PretrainError` on a non-finite loss.
+    """
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    loss_sum, images = 0.0, 0
+    for micro in range(accum):
+        imgs = next(batches)
+        gen = mask_generator(seed, step, micro, rank)
+        step_seed(seed, step, micro)
+        with model.no_sync() if ddp and micro < accum - 1 else contextlib.nullcontext():
+            with torch.autocast(imgs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss, _, _ = model(imgs, mask_ratio=mask_ratio, generator=gen, complementary=complementary)
+            if not math.isfinite(loss.item()):
+                raise PretrainError(f"loss is {loss.item()} at step {step}: stopping (lower the lr or use --amp bf16)")
+            scaler.scale(loss / accum).backward()
+        loss_sum += loss.item() / accum
+        images += imgs.shape[0]
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, images
+
+
+def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
+    """The steps of ``run`` from its start to ``total`` (or ``stop_at``), yielding (step, loss,
+    lr, images of this process) after each. On rank 0, after the yield, every
+    ``checkpoint_every`` steps, at the end and at ``stop_at``: OUTPUT/checkpoint.pth and
+    OUTPUT/vis/step_XXXXXX.png."""
+    o = run.opts
+    run.model.train()
+    batches = (b.to(run.device, non_blocking=True) for b in run.loader)
+    ckpt = os.path.join(o.output, "checkpoint.pth")
+    for step in range(run.start_step, run.total):
+        lr = lr_at_step(step, run.total, run.warmup, run.lr, o.min_lr)
+        loss, images = train_step(
+            run.model, batches, run.optimizer, run.scaler, step=step, lr=lr, accum=run.accum, seed=o.seed,
+            rank=run.rank, mask_ratio=o.mask_ratio, complementary=o.complementary, amp_dtype=run.amp_dtype,
+        )
+        yield step, loss, lr, images
+        done = step + 1
+        stop = o.stop_at is not None and done >= o.stop_at
+        if run.rank == 0 and (done % o.checkpoint_every == 0 or done == run.total or stop):
+            save_checkpoint(ckpt, run.raw_model, run.optimizer, run.scaler, done, vars(o))
+            vis = os.path.join(o.output, "vis", f"step_{done:06d}.png")
+            logger.info(f"saved {ckpt} and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
+        if stop:
+            logger.info(f"stopping after step {done} (--stop-at); continue with --resume")
+            return
 
 
 @torch.no_grad()
-def reconstruction_grid(model: ConvMAE, dataset, mask_ratio: float, path: str, device, seed: int = 0) -> str:
+def reconstruction_grid(model: nn.Module, dataset, mask_ratio: float, path: str, device, seed: int = 0) -> str:
     """PNG with one column per image: original, masked input, reconstruction (visible patches
-    pasted back). Predictions of a norm_pix_loss model are de-normalised with each patch's
-    own mean and std, as in the MAE visualisation."""
+    pasted back); the model draws the masks (``seed``). Predictions of a norm_pix_loss model are
+    de-normalised with each patch's own mean and std (:func:`patch_mean_std`), as in the MAE
+    visualisation. Returns ``path``."""
     from PIL import Image
-
-    from .data import IMAGENET_MEAN, IMAGENET_STD
 
     was_training = model.training
     model.eval()
-    imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device)
-    grid = model.grid_of(imgs)
-    mask = random_masking(imgs.shape[0], grid, mask_ratio, generator=torch.Generator().manual_seed(seed)).to(device)
-    _, pred, _ = model(imgs.float(), mask=mask)
+    imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device).float()
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, generator=torch.Generator().manual_seed(seed))
     target = patchify(imgs)
     if model.norm_pix_loss:
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    m = mask[..., None]
+        mean, std = patch_mean_std(target)
+        pred = pred * std + mean
+    grid, m = grid_of(imgs), mask[..., None]
     masked = unpatchify(target * (1 - m), grid)
     recon = unpatchify(target * (1 - m) + pred * m, grid)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
