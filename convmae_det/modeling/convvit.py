@@ -176,6 +176,7 @@ class ConvBlock(nn.Module):
         else:
             y = cells_from_grid(_conv_nhwc(self.attn, cells_to_grid(y, ids_keep, grid)), ids_keep, grid)
         x = x + self.drop_path(_pointwise(self.conv2, y))
+        del y  # freed before the MLP, whose hidden features are the block's largest tensors
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -559,12 +560,22 @@ class ConvViT(ConvViTBase):
         """Stages 1-2 and the stage-3 patch embedding of B 3 H W images. Returns B H W C grids:
         (s4, s8, tokens), the tokens after ``patch_embed4`` and before the position embedding."""
         self._check_input(x)
-        s4 = self._run(self.blocks1, self.patch_embed1(x.permute(0, 2, 3, 1)))
-        s8 = self._run(self.blocks2, self.patch_embed2(s4))
-        return s4, s8, self.patch_embed4(self.patch_embed3(s8))
+        # The loops rebind x in this frame, so that in inference each block's input is freed
+        # after the block: a call _run(blocks, f(x)) would hold f(x) until the stage ends.
+        x = self.patch_embed1(x.permute(0, 2, 3, 1))
+        for blk in self.blocks1:
+            x = self.runner(blk.forward, x)
+        s4 = x
+        x = self.patch_embed2(x)
+        for blk in self.blocks2:
+            x = self.runner(blk.forward, x)
+        s8 = x
+        return s4, s8, self.patch_embed4(self.patch_embed3(x))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         s4, s8, x = self.forward_conv_stages(x)
-        x = self._run(self.blocks3, x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=True))
+        x = x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=True)
+        for blk in self.blocks3:
+            x = self.runner(blk.forward, x)
         # B H W C -> B C H W views
         return self._outputs(s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2))
