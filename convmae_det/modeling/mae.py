@@ -25,34 +25,19 @@ class MAEMixin:
     Mask convention (as in MAE): ``mask`` is (B, L) over the stage-3 grid, 1 = masked.
     """
 
-    def __init__(
-        self,
-        *,
-        embed_dims=(256, 384, 768),
-        depths=(2, 2, 11),
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        img_size: int = 224,
-        decoder_embed_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_num_heads: int = 16,
-        norm_pix_loss: bool = True,
-        conv_norm_eps: float = 1e-5,
-        drop_path_rate: float = 0.0,
-        use_act_checkpoint: bool = False,
-    ):
+    def __init__(self, *, img_size: int = 224, decoder_embed_dim: int = 512, decoder_depth: int = 8,
+                 decoder_num_heads: int = 16, norm_pix_loss: bool = True, conv_norm_eps: float = 1e-5, **encoder_kwargs):
+        """``encoder_kwargs`` go to the encoder class (embed_dims, depths, num_heads, mlp_ratio,
+        drop_path_rate, use_act_checkpoint, ...); its position embedding is the fixed sin-cos
+        one of the ``img_size`` grid. conv_norm_eps: 1e-5, as in the official pretraining code."""
         super().__init__(
-            embed_dims=embed_dims,
-            depths=depths,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
             pretrain_img_size=img_size,
-            drop_path_rate=drop_path_rate,
             conv_norm_eps=conv_norm_eps,
             pos_embed_trainable=False,
-            use_act_checkpoint=use_act_checkpoint,
             out_features=("s16",),
+            **encoder_kwargs,
         )
+        mlp_ratio = encoder_kwargs.get("mlp_ratio", 4.0)
         d1, d2, d3 = self.embed_dims
         self.img_size = img_size
         self.patch_size = 16
