@@ -124,13 +124,12 @@ class _PyramidBase(Backbone):
     """Shared parts: square padding, input checks, the layout, p6 and the output specs."""
 
     def __init__(self, net: ConvViTBase, out_channels: int, square_pad: int, strides: Sequence[int],
-                 channels_last: bool, norm_eps: float):
+                 channels_last: bool):
         super().__init__()
         self.net = net
         self.top_block = LastLevelMaxPool()
         self.square_pad = square_pad
         self.channels_last = channels_last
-        self._layers = _Layers(channels_last, norm_eps)
         strides = list(strides) + [strides[-1] * 2]
         self._out_features = [f"p{int(math.log2(s))}" for s in strides]
         self._out_feature_strides = {f: s for f, s in zip(self._out_features, strides)}
@@ -187,9 +186,9 @@ class SimpleFeaturePyramid(_PyramidBase):
         channels_last: bool = True,
     ):
         strides = [int(16 / s) for s in scale_factors]
-        super().__init__(net, out_channels, square_pad, strides, channels_last, norm_eps)
+        super().__init__(net, out_channels, square_pad, strides, channels_last)
         dim = net.embed_dims[2]
-        L = self._layers
+        L = _Layers(channels_last, norm_eps)
         for scale, stride in zip(scale_factors, strides):
             if scale == 4.0:
                 layers = [L.deconv(dim, dim // 2), L.norm(dim // 2), nn.GELU(), L.deconv(dim // 2, dim // 4)]
@@ -235,14 +234,15 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
         if not in_features or -1 in idx or idx != list(range(idx[0], idx[0] + len(idx))):
             raise ValueError(f"in_features must be a contiguous run of {list(self.LEVELS)}, got {in_features}")
         strides = [net.out_feature_strides[f] for f in in_features]
-        super().__init__(net, out_channels, square_pad, strides, channels_last, norm_eps)
+        super().__init__(net, out_channels, square_pad, strides, channels_last)
         missing = set(in_features) - set(net._out_features)
         if missing:
             raise ValueError(f"the encoder does not output {sorted(missing)}; build it with out_features={in_features}")
         channels = net.out_feature_channels
         self._in_features = in_features
+        L = _Layers(channels_last, norm_eps)
         for name, stride in zip(in_features, strides):
-            stage = nn.Sequential(*self._layers.out_convs(channels[name], out_channels))
+            stage = nn.Sequential(*L.out_convs(channels[name], out_channels))
             self.add_module(f"simfp_{int(math.log2(stride))}", stage)
         self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
 
