@@ -4,6 +4,8 @@
 # Both create or reuse a virtual environment in $(VENV) with everything installed.
 #   make test VENV_FLAGS=--system-site-packages   reuse a detectron2 you built yourself
 #   make test TORCH_SPEC="torch==2.5.1 torchvision==0.20.1"   another torch
+# CI (.ci/run) also runs `make test-d2main` (the suite on upstream detectron2 main) and
+# `make test-d2-v0.6` (detectron2 v0.6's own tests on the installed v0.6).
 PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
@@ -19,8 +21,14 @@ PRETRAIN_STEPS ?= 960
 PRETRAIN_LR ?= 5e-4
 SEEDS ?= 0
 export DETECTRON2_DATASETS ?= datasets
+# upstream detectron2 (see ../shared/vendor/README.md): main's Python sources, v0.6's tests
+D2_MAIN_SRC ?= ../shared/vendor/detectron2-main
+D2_V06_TESTS ?= ../shared/vendor/detectron2-v0.6-tests/tests
+D2_MAIN := $(abspath $(VENV))/detectron2-main
+D2_V06_SELECT ?= tests/config tests/structures tests/modeling tests/data tests/test_checkpoint.py \
+	tests/test_engine.py tests/test_solver.py tests/test_scheduler.py tests/test_export_torchscript.py tests/test_model_analysis.py
 
-.PHONY: setup demo demo-scratch test clean
+.PHONY: setup demo demo-scratch test test-d2main test-d2-v0.6 clean
 
 setup: $(STAMP)
 
@@ -56,6 +64,22 @@ demo-scratch: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the suite on detectron2 main: tools/install_detectron2.py installs $(D2_MAIN_SRC) with the same
+# changes, Python only, into $(D2_MAIN); PYTHONPATH puts it in front of the environment's v0.6
+test-d2main: $(D2_MAIN)/.installed
+	PYTHONPATH=$(D2_MAIN) $(PY) -c "import detectron2; assert detectron2.__file__.startswith('$(D2_MAIN)/'), detectron2.__file__"
+	PYTHONPATH=$(D2_MAIN) $(PY) -m pytest -q tests
+
+$(D2_MAIN)/.installed: $(STAMP) tools/install_detectron2.py
+	$(PY) tools/install_detectron2.py --src $(D2_MAIN_SRC) --target $(D2_MAIN) --build-dir $(VENV)/build/detectron2-main
+	touch $@
+
+# detectron2 v0.6's own tests on the v0.6 that `make setup` installs, less the ones listed with
+# their reason in tests/detectron2_v0.6_deselected.txt (everything else must pass)
+test-d2-v0.6: setup
+	$(PY) tools/run_detectron2_tests.py --tests $(D2_V06_TESTS) --deselect tests/detectron2_v0.6_deselected.txt \
+		--workdir $(VENV)/build/detectron2-v0.6-tests -- -q --disable-warnings $(D2_V06_SELECT)
 
 clean:
 	rm -rf output build *.egg-info

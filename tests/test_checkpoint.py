@@ -103,10 +103,14 @@ def test_our_pretraining_checkpoint_finetunes_with_no_backbone_key_missing(tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "backbone.net.blocks3.0.attn.rel_pos_h" in r.stdout  # listed as initialised
     assert set(torch.load(out, weights_only=True)) == {"model"}
+    sd = torch.load(out, weights_only=True)["model"]
     model = build_model(tiny_cfg())
-    ckpt = DetectionCheckpointer(model)
-    loaded = ckpt._load_file(str(out))
-    missing, unexpected = _encoder_missing(model, loaded["model"])
+    # detectron2's own loading (the public Checkpointer.load, as MODEL.WEIGHTS is loaded) reads
+    # the file and puts every encoder tensor of it into the model
+    assert DetectionCheckpointer(model).load(str(out)) == {}
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in sd.items() if k.startswith("backbone.net."))
+    missing, unexpected = _encoder_missing(model, sd)
     assert missing == [] and unexpected == []
     # a config of another size is a clear error naming both sides; the output is untouched
     before = out.read_bytes()
