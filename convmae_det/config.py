@@ -82,7 +82,10 @@ def add_convmae_config(cfg: CN) -> CN:
     _C.INPUT.LSJ.PAD = False
     _C.INPUT.LSJ.PAD_VALUE = 128.0
 
-    # COCOEvaluator: "auto" uses the compiled fast evaluator when detectron2 has it
+    # COCOeval of the COCOEvaluator: "auto" = detectron2's compiled one if this detectron2 has
+    # it, else faster-coco-eval (same stats as pycocotools), else pycocotools; "true" = the same
+    # but an error if neither fast one is there; "false"/"pycocotools"; "compiled";
+    # "faster_coco_eval" (see convmae_det/evaluation.py)
     _C.TEST.FAST_COCO_EVAL = "auto"
     # number of val images drawn with predictions after evaluation (0 = none)
     _C.TEST.VIS_NUM_IMAGES = 0

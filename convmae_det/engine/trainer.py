@@ -17,14 +17,14 @@ from detectron2.data import (
 )
 from detectron2.data import detection_utils as utils
 from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
 from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
+from ..evaluation import COCOEvaluator, resolve_coco_eval_backend
 from ..solver import build_optimizer
-from ..utils.compat import check_compiled_ops, has_compiled_ops
+from ..utils.compat import check_compiled_ops
 from ..utils.visualize import draw_predictions
 
 __all__ = ["setup_cfg", "Trainer", "check_image_files", "check_weights_fit", "visualize_predictions"]
@@ -57,6 +57,7 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
         cfg.SOLVER.AMP.ENABLED = False
         cfg.MODEL.CONVMAE.COMPILE = False
     check_compiled_ops(cfg)
+    resolve_coco_eval_backend(cfg.TEST.FAST_COCO_EVAL)  # an unknown value or a missing package fails here
     sq = cfg.MODEL.CONVMAE.SQUARE_PAD
     if cfg.INPUT.LSJ.ENABLED and sq and cfg.INPUT.LSJ.IMAGE_SIZE > sq:
         raise ValueError(f"INPUT.LSJ.IMAGE_SIZE {cfg.INPUT.LSJ.IMAGE_SIZE} exceeds MODEL.CONVMAE.SQUARE_PAD {sq}")
@@ -146,10 +147,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        mode = str(cfg.TEST.FAST_COCO_EVAL).lower()
-        fast = has_compiled_ops() if mode == "auto" else mode in ("true", "1", "yes")
+        backend = resolve_coco_eval_backend(cfg.TEST.FAST_COCO_EVAL)
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=fast)
+        return COCOEvaluator(dataset_name, output_dir=output_folder, backend=backend)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):

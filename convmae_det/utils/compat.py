@@ -40,7 +40,8 @@ def _requested_ops(cfg):
     for key in ("ROI_BOX_HEAD", "ROI_MASK_HEAD", "ROI_KEYPOINT_HEAD"):
         if getattr(m, key).POOLER_TYPE == "ROIAlignRotated":
             found.append((f"MODEL.{key}.POOLER_TYPE", "ROIAlignRotated", "roi_align_rotated_forward"))
-    if str(cfg.TEST.FAST_COCO_EVAL).lower() in ("true", "1", "yes"):
+    # "true"/"auto" are served by faster-coco-eval too (convmae_det.evaluation)
+    if str(cfg.TEST.FAST_COCO_EVAL).strip().lower() == "compiled":
         found.append(("TEST.FAST_COCO_EVAL", cfg.TEST.FAST_COCO_EVAL, "COCOevalEvaluateImages"))
     return found
 
