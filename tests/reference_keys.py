@@ -1,5 +1,6 @@
 """Parameter names and shapes of the official ConvMAE-Base checkpoints (reference section 3),
-written out from the reference's listing, for the encoder part used by detection."""
+written out from the reference's listing, for the encoder part used by detection; the same
+names at other widths and depths for tiny stand-ins of the official files."""
 
 C1, C2, C3 = 256, 384, 768
 
@@ -23,6 +24,12 @@ def _vit_block_shapes(p: str, d: int):
 
 
 def convmae_base_encoder_shapes(include_final_norm: bool = False):
+    return convmae_encoder_shapes((C1, C2, C3), (2, 2, 11), include_final_norm)
+
+
+def convmae_encoder_shapes(dims, depths, include_final_norm: bool = False):
+    """The official encoder's names with embed dims ``dims`` and ``depths`` blocks per stage."""
+    C1, C2, C3 = dims
     shapes = {
         "pos_embed": (1, 196, C3),
         "patch_embed1.proj.weight": (C1, 3, 4, 4),
@@ -41,7 +48,7 @@ def convmae_base_encoder_shapes(include_final_norm: bool = False):
         "patch_embed4.bias": (C3,),
     }
     for s, c in ((1, C1), (2, C2)):
-        for n in range(2):
+        for n in range(depths[s - 1]):
             p = f"blocks{s}.{n}."
             shapes.update(
                 {
@@ -61,7 +68,7 @@ def convmae_base_encoder_shapes(include_final_norm: bool = False):
                     p + "mlp.fc2.bias": (c,),
                 }
             )
-    for n in range(11):
+    for n in range(depths[2]):
         shapes.update(_vit_block_shapes(f"blocks3.{n}.", C3))
     if include_final_norm:
         shapes.update({"norm.weight": (C3,), "norm.bias": (C3,)})
@@ -90,4 +97,70 @@ def convmae_base_pretrain_shapes():
     )
     for n in range(8):
         shapes.update(_vit_block_shapes(f"decoder_blocks.{n}.", D))
+    return shapes
+
+
+def convmae_det_official_shapes(dims, depths, num_heads, window_size, global_blocks, rel_pos_grid,
+                                out_channels=256, box_conv=256, box_fc=1024, mask_conv=256, num_classes=80):
+    """The state dict of an official ConvMAE-Det model (OpenGVLab/Official-ConvMAE-Det,
+    ``mask_rcnn_vitdet_convmae_b_25ep.py``: detectron2 main's ``common/models/mask_rcnn_vitdet.py``
+    with ``model.backbone.net = ConvViT``), written out from those sources; the defaults of the
+    head sizes are the official ones. Section 4 of the reference: ``backbone.net.<encoder>`` with
+    the rel-pos tables, ``backbone.simfp_*``; the heads are detectron2 main's, by module name:
+
+    - RPN: ``StandardRPNHead(conv_dims=[-1, -1])``: ``conv.conv0``, ``conv.conv1`` (3x3, bias),
+      ``objectness_logits``, ``anchor_deltas`` (3 anchors per position);
+    - box head: ``FastRCNNConvFCHead(conv_dims=[256] * 4, fc_dims=[1024], conv_norm="LN")``:
+      ``conv1..4`` without bias, each with ``norm``, then ``fc1``; ``FastRCNNOutputLayers``:
+      ``cls_score``, ``bbox_pred`` (class-specific);
+    - mask head: ``MaskRCNNConvUpsampleHead(conv_dims=[256] * 5, conv_norm="LN")``:
+      ``mask_fcn1..4`` with ``norm``, ``deconv``, ``predictor``.
+
+    Not in the file: GeneralizedRCNN's pixel mean/std and the anchors (non-persistent buffers).
+    """
+    d, out = dims[2], out_channels
+    shapes = {f"backbone.net.{k}": v for k, v in convmae_encoder_shapes(dims, depths).items()}
+    head_dim = d // num_heads
+    for i in range(depths[2]):
+        size = rel_pos_grid if i in global_blocks else window_size
+        for axis in ("h", "w"):
+            shapes[f"backbone.net.blocks3.{i}.attn.rel_pos_{axis}"] = (2 * size - 1, head_dim)
+    # simple feature pyramid: x4 = deconv, LN, GELU, deconv; x2 = deconv; x1 = nothing; x0.5 = max pool
+    shapes.update({
+        "backbone.simfp_2.0.weight": (d, d // 2, 2, 2), "backbone.simfp_2.0.bias": (d // 2,),
+        "backbone.simfp_2.1.weight": (d // 2,), "backbone.simfp_2.1.bias": (d // 2,),
+        "backbone.simfp_2.3.weight": (d // 2, d // 4, 2, 2), "backbone.simfp_2.3.bias": (d // 4,),
+        "backbone.simfp_3.0.weight": (d, d // 2, 2, 2), "backbone.simfp_3.0.bias": (d // 2,),
+    })
+    # then a 1x1 conv + LN and a 3x3 conv + LN, both without bias, at these indexes
+    for stage, first, cin in ((2, 4, d // 4), (3, 1, d // 2), (4, 0, d), (5, 1, d)):
+        for idx, c, k in ((first, cin, 1), (first + 1, out, 3)):
+            p = f"backbone.simfp_{stage}.{idx}."
+            shapes.update({p + "weight": (out, c, k, k), p + "norm.weight": (out,), p + "norm.bias": (out,)})
+    p, a = "proposal_generator.rpn_head.", 3
+    for k in (0, 1):
+        shapes.update({f"{p}conv.conv{k}.weight": (out, out, 3, 3), f"{p}conv.conv{k}.bias": (out,)})
+    shapes.update({
+        p + "objectness_logits.weight": (a, out, 1, 1), p + "objectness_logits.bias": (a,),
+        p + "anchor_deltas.weight": (4 * a, out, 1, 1), p + "anchor_deltas.bias": (4 * a,),
+    })
+    p = "roi_heads.box_head."
+    for k, cin in zip(range(1, 5), (out, box_conv, box_conv, box_conv)):
+        shapes.update({f"{p}conv{k}.weight": (box_conv, cin, 3, 3), f"{p}conv{k}.norm.weight": (box_conv,),
+                       f"{p}conv{k}.norm.bias": (box_conv,)})
+    shapes.update({
+        p + "fc1.weight": (box_fc, box_conv * 7 * 7), p + "fc1.bias": (box_fc,),
+        "roi_heads.box_predictor.cls_score.weight": (num_classes + 1, box_fc),
+        "roi_heads.box_predictor.cls_score.bias": (num_classes + 1,),
+        "roi_heads.box_predictor.bbox_pred.weight": (4 * num_classes, box_fc),
+        "roi_heads.box_predictor.bbox_pred.bias": (4 * num_classes,),
+    })
+    p = "roi_heads.mask_head."
+    for k, cin in zip(range(1, 5), (out, mask_conv, mask_conv, mask_conv)):
+        shapes.update({f"{p}mask_fcn{k}.weight": (mask_conv, cin, 3, 3), f"{p}mask_fcn{k}.norm.weight": (mask_conv,),
+                       f"{p}mask_fcn{k}.norm.bias": (mask_conv,)})
+    shapes.update({
+        p + "deconv.weight": (mask_conv, mask_conv, 2, 2), p + "deconv.bias": (mask_conv,),
+        p + "predictor.weight": (num_classes, mask_conv, 1, 1), p + "predictor.bias": (num_classes,),
+    })
     return shapes

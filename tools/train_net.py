@@ -13,28 +13,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.data import DatasetCatalog  # noqa: E402
-from detectron2.data.datasets import register_coco_instances  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 
 import convmae_det  # noqa: E402,F401  (registers backbones, heads, datasets)
+from convmae_det.data import add_register_argument, register_coco_datasets  # noqa: E402
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions  # noqa: E402
 from convmae_det.engine.trainer import check_weights_fit  # noqa: E402
 
 
-def register_datasets(specs):
-    """--register NAME JSON IMAGE_ROOT: a COCO-format dataset of your own."""
-    for name, json_file, image_root in specs or []:
-        if not os.path.isfile(json_file):
-            raise SystemExit(f"--register {name}: annotation file {json_file!r} does not exist")
-        if not os.path.isdir(image_root):
-            raise SystemExit(f"--register {name}: image folder {image_root!r} does not exist")
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
-
-
 def main(args):
-    register_datasets(args.register)
+    try:
+        register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
     if args.eval_only:
@@ -59,10 +50,7 @@ def main(args):
 
 if __name__ == "__main__":
     parser = default_argument_parser()
-    parser.add_argument(
-        "--register", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable); use NAME in DATASETS.TRAIN/TEST",
-    )
+    add_register_argument(parser)
     args = parser.parse_args()
     launch(
         main,

@@ -1,4 +1,11 @@
-from .builtin import BUILTIN_SHAPES, prepare_builtin_datasets, register_builtin_shapes, shapes_root
+from .builtin import (
+    BUILTIN_SHAPES,
+    add_register_argument,
+    prepare_builtin_datasets,
+    register_builtin_shapes,
+    register_coco_datasets,
+    shapes_root,
+)
 from .mapper import build_lsj_augmentations, build_train_mapper
 from .shapes import (
     SHAPE_CLASSES,
@@ -13,12 +20,14 @@ __all__ = [
     "BUILTIN_SHAPES",
     "SHAPE_CLASSES",
     "ShapesSpec",
+    "add_register_argument",
     "build_lsj_augmentations",
     "build_train_mapper",
     "generate_shapes_dataset",
     "generate_shapes_pool",
     "prepare_builtin_datasets",
     "register_builtin_shapes",
+    "register_coco_datasets",
     "shapes_dataset_ready",
     "shapes_root",
     "write_labeled_subset",

@@ -9,14 +9,21 @@ names, so a fresh checkout needs no download.
 """
 import os
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
 from .shapes import SHAPE_CLASSES, ShapesSpec, generate_shapes_dataset, write_labeled_subset
 
-__all__ = ["BUILTIN_SHAPES", "shapes_root", "register_builtin_shapes", "prepare_builtin_datasets"]
+__all__ = [
+    "BUILTIN_SHAPES",
+    "shapes_root",
+    "register_builtin_shapes",
+    "prepare_builtin_datasets",
+    "register_coco_datasets",
+    "add_register_argument",
+]
 
 BUILTIN_SHAPES = ("convmae_shapes_train", "convmae_shapes_val")
 _SUBSET = re.compile(r"convmae_shapes_train_(\d+)")
@@ -52,6 +59,28 @@ def prepare_builtin_datasets(names: Iterable[str], spec: ShapesSpec = None) -> N
             json_file = write_labeled_subset(root, int(_SUBSET.fullmatch(name).group(1)))
             if name not in DatasetCatalog.list():
                 register_coco_instances(name, {"thing_classes": list(SHAPE_CLASSES)}, json_file, os.path.join(root, "train"))
+
+
+def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
+    """Register COCO-format datasets of your own: ``(name, json_file, image_root)`` triples (the
+    tools' ``--register NAME JSON IMAGE_ROOT``). A missing annotation file or image folder is a
+    FileNotFoundError naming it; a name already registered is kept."""
+    for name, json_file, image_root in specs or []:
+        if not os.path.isfile(json_file):
+            raise FileNotFoundError(f"--register {name}: annotation file {json_file!r} does not exist")
+        if not os.path.isdir(image_root):
+            raise FileNotFoundError(f"--register {name}: image folder {image_root!r} does not exist")
+        if name not in DatasetCatalog.list():
+            register_coco_instances(name, {}, json_file, image_root)
+
+
+def add_register_argument(parser) -> None:
+    """The tools' ``--register NAME JSON IMAGE_ROOT`` option (repeatable), for
+    :func:`register_coco_datasets`."""
+    parser.add_argument(
+        "--register", nargs=3, action="append", metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset under NAME (repeatable); use NAME in DATASETS.TRAIN/TEST",
+    )
 
 
 register_builtin_shapes()
