@@ -13,8 +13,11 @@ setup(
         "fvcore",
         "timm>=1.0.12",  # timm.optim.param_groups_weight_decay
         "pycocotools>=2.0.2",
+        "faster-coco-eval>=1.8",  # TEST.FAST_COCO_EVAL without detectron2's compiled ops
         "shapely",
         "numpy",
         "Pillow",
     ],
+    # tools/export_model.py --format onnx; TorchScript export needs nothing more
+    extras_require={"onnx": ["onnx", "onnxruntime"]},
 )
