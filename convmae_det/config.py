@@ -69,6 +69,9 @@ def add_convmae_config(cfg: CN) -> CN:
     # WEIGHT_DECAY like weights. True: they get WEIGHT_DECAY_NORM as well (a deliberate
     # alternative, no decay on any norm; not the recipe behind the published results)
     _C.SOLVER.WEIGHT_DECAY_NORM_ALL_LN = False
+    # SOLVER.LR_SCHEDULER_NAME "WarmupPolyLR" (semantic segmentation): lr x (1 - iter/MAX_ITER)
+    # ** POLY_LR_POWER after the warm-up (the key name of detectron2's DeepLab project)
+    _C.SOLVER.POLY_LR_POWER = 0.9
 
     # Large-scale jitter (ViTDet's COCO recipe): flip, ResizeScale, FixedSizeCrop
     _C.INPUT.LSJ = CN()
@@ -81,6 +84,14 @@ def add_convmae_config(cfg: CN) -> CN:
     # True: the mapper pads it to IMAGE_SIZE with PAD_VALUE, and the border counts as image
     _C.INPUT.LSJ.PAD = False
     _C.INPUT.LSJ.PAD_VALUE = 128.0
+
+    # Semantic segmentation training (SemanticSegmentor, convmae_det.data.build_sem_seg_augmentations):
+    # INPUT.CROP crops after the resize; a crop is redrawn (up to 10 times) while one class
+    # covers more than this fraction of it (mmseg's cat_max_ratio; 1.0: any crop; the key name of
+    # detectron2's DeepLab project)
+    _C.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    # brightness, contrast and saturation jitter (an approximation of mmseg's PhotoMetricDistortion)
+    _C.INPUT.COLOR_AUG = False
 
     # COCOeval of the COCOEvaluator: "auto" = detectron2's compiled one if this detectron2 has
     # it, else faster-coco-eval (same stats as pycocotools), else pycocotools; "true" = the same

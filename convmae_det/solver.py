@@ -1,14 +1,18 @@
-"""Optimizer with ConvMAE layer-wise lr decay and weight-decay exemptions (ViTDet recipe)."""
+"""Optimizer with ConvMAE layer-wise lr decay and weight-decay exemptions (ViTDet recipe), and
+the lr schedules (detectron2's, plus the poly schedule of semantic segmentation)."""
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
+from detectron2.solver import LRMultiplier, WarmupParamScheduler
+from detectron2.solver import build_lr_scheduler as _d2_build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
+from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
 
 from .modeling.convvit import ConvViTBase
 from .modeling.layers import D2LayerNorm
 
-__all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer", "use_fused_optimizer"]
+__all__ = ["convmae_layer_id", "get_param_groups", "build_optimizer", "use_fused_optimizer", "build_lr_scheduler"]
 
 # The norm types of detectron2's get_default_optimizer_params, which the official recipe uses:
 # their parameters get WEIGHT_DECAY_NORM. detectron2's own channel LayerNorm (D2LayerNorm here)
@@ -129,3 +133,22 @@ def use_fused_optimizer(cfg, model: nn.Module) -> bool:
         and not cfg.SOLVER.CLIP_GRADIENTS.ENABLED
         and all(p.is_cuda for p in model.parameters())
     )
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """detectron2's schedulers, plus ``SOLVER.LR_SCHEDULER_NAME: "WarmupPolyLR"``: the lr factor
+    (1 - iter / MAX_ITER) ** SOLVER.POLY_LR_POWER, reaching 0 at MAX_ITER (mmsegmentation's
+    ``poly`` with ``min_lr=0``), under detectron2's warm-up (SOLVER.WARMUP_*). The factor of
+    each group multiplies its own lr, so layer decay is kept."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
+        return _d2_build_lr_scheduler(cfg, optimizer)
+    power, max_iter = cfg.SOLVER.POLY_LR_POWER, cfg.SOLVER.MAX_ITER
+    if power <= 0 or max_iter <= 0:
+        raise ValueError(f"WarmupPolyLR needs SOLVER.POLY_LR_POWER > 0 and SOLVER.MAX_ITER > 0, got {power}, {max_iter}")
+    sched = WarmupParamScheduler(
+        PolynomialDecayParamScheduler(1.0, power),
+        cfg.SOLVER.WARMUP_FACTOR,
+        min(cfg.SOLVER.WARMUP_ITERS / max_iter, 1.0),
+        cfg.SOLVER.WARMUP_METHOD,
+    )
+    return LRMultiplier(optimizer, multiplier=sched, max_iter=max_iter)

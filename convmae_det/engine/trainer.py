@@ -1,5 +1,6 @@
 """The detectron2 trainer of convmae-det and the config set-up shared by the tools."""
 import glob
+import inspect
 import logging
 import os
 from typing import List
@@ -17,17 +18,27 @@ from detectron2.data import (
 )
 from detectron2.data import detection_utils as utils
 from detectron2.engine import DefaultTrainer, hooks
+from detectron2.evaluation import SemSegEvaluator
+from detectron2.structures import ImageList
 from detectron2.utils.visualizer import Visualizer
 
 from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dict
 from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
+from ..data.mapper import is_sem_seg
 from ..evaluation import COCOEvaluator, resolve_coco_eval_backend
-from ..solver import build_optimizer
+from ..solver import build_lr_scheduler, build_optimizer
 from ..utils.compat import check_compiled_ops
-from ..utils.visualize import draw_predictions
+from ..utils.visualize import draw_predictions, draw_sem_seg
 
-__all__ = ["setup_cfg", "Trainer", "check_image_files", "check_weights_fit", "visualize_predictions"]
+__all__ = [
+    "setup_cfg",
+    "Trainer",
+    "check_image_files",
+    "check_sem_seg_datasets",
+    "check_weights_fit",
+    "visualize_predictions",
+]
 
 logger = logging.getLogger("convmae_det")
 
@@ -66,9 +77,43 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
             f"test images may reach {max(cfg.INPUT.MAX_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST)} px but "
             f"MODEL.CONVMAE.SQUARE_PAD is {sq}: set INPUT.MAX_SIZE_TEST/MIN_SIZE_TEST <= SQUARE_PAD"
         )
+    if is_sem_seg(cfg):
+        _check_sem_seg_cfg(cfg)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _check_sem_seg_cfg(cfg) -> None:
+    """What a SemanticSegmentor config must not ask for, as errors at start-up."""
+    if cfg.INPUT.LSJ.ENABLED:
+        raise ValueError(
+            "INPUT.LSJ is the detection recipe; a SemanticSegmentor trains with INPUT.MIN_SIZE_TRAIN, "
+            "INPUT.CROP and INPUT.COLOR_AUG (convmae_det.data.build_sem_seg_augmentations): set INPUT.LSJ.ENABLED False"
+        )
+    sq = cfg.MODEL.CONVMAE.SQUARE_PAD
+    if sq and "padding_constraints" not in inspect.signature(ImageList.from_tensors).parameters:
+        # the backbone would predict on the padded square while this detectron2 pads the
+        # targets only to the size divisibility
+        raise ValueError(
+            f"MODEL.CONVMAE.SQUARE_PAD {sq} with a SemanticSegmentor needs a detectron2 that pads images "
+            "and targets alike (padding_constraints, after 0.6): set MODEL.CONVMAE.SQUARE_PAD 0"
+        )
+
+
+def check_sem_seg_datasets(cfg, names) -> None:
+    """Fail clearly if a semantic segmentation dataset's classes do not match
+    MODEL.SEM_SEG_HEAD.NUM_CLASSES (labels past the head's classes would crash the loss,
+    and fewer would leave classes unscored)."""
+    if not is_sem_seg(cfg):
+        return
+    for name in names:
+        classes = MetadataCatalog.get(name).get("stuff_classes")
+        if classes is not None and len(classes) != cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES:
+            raise ValueError(
+                f"dataset {name} has {len(classes)} classes (stuff_classes) but MODEL.SEM_SEG_HEAD.NUM_CLASSES "
+                f"is {cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES}"
+            )
 
 
 def check_weights_fit(model, path: str) -> None:
@@ -104,6 +149,7 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         prepare_builtin_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+        check_sem_seg_datasets(cfg, list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
         super().__init__(cfg)
 
     def resume_or_load(self, resume=True):
@@ -114,6 +160,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
         """detectron2's hooks, with the periodic checkpointer keeping only the newest
@@ -147,30 +197,40 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        backend = resolve_coco_eval_backend(cfg.TEST.FAST_COCO_EVAL)
+        """SemSegEvaluator (mIoU, fwIoU, mACC, pACC and per-class IoU/ACC) for datasets whose
+        metadata says ``evaluator_type="sem_seg"`` (the built-in shapes sem-seg splits,
+        detectron2's ADE20K), the COCO evaluator otherwise."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "sem_seg":
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
+        backend = resolve_coco_eval_backend(cfg.TEST.FAST_COCO_EVAL)
         return COCOEvaluator(dataset_name, output_dir=output_folder, backend=backend)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         prepare_builtin_datasets(cfg.DATASETS.TEST)
+        check_sem_seg_datasets(cfg, cfg.DATASETS.TEST)
         return super().test(cfg, model, evaluators)
 
 
 def check_image_files(dataset_dicts, names) -> None:
-    """Fail before training or evaluation starts if images of a dataset are missing on disk."""
-    missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
-    if missing:
-        shown = "\n  ".join(missing[:5])
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(dataset_dicts)} images of dataset(s) {list(names)} are missing, e.g.\n  {shown}"
-        )
+    """Fail before training or evaluation starts if images (or semantic label files) of a
+    dataset are missing on disk."""
+    for key, what in (("file_name", "images"), ("sem_seg_file_name", "semantic label files")):
+        listed = [d[key] for d in dataset_dicts if key in d]
+        missing = [f for f in listed if not os.path.isfile(f)]
+        if missing:
+            shown = "\n  ".join(missing[:5])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(listed)} {what} of dataset(s) {list(names)} are missing, e.g.\n  {shown}"
+            )
 
 
 @torch.no_grad()
 def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output_dir: str, score_thresh: float = 0.5):
     """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
-    of a registered dataset with detectron2's Visualizer; returns the PNG paths."""
+    of a registered dataset with detectron2's Visualizer: instances above ``score_thresh``, or
+    per-pixel classes for a semantic segmentation model. Returns the PNG paths."""
     os.makedirs(output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
@@ -180,8 +240,13 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
     paths = []
     for d, inputs in zip(dicts, loader):
         img = utils.read_image(d["file_name"], format="RGB")
-        pred = draw_predictions(img, model(inputs)[0]["instances"], metadata, score_thresh)
-        gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
+        out = model(inputs)[0]
+        if "sem_seg" in out:
+            pred = draw_sem_seg(img, out["sem_seg"], metadata)
+            gt = draw_sem_seg(img, np.asarray(Image.open(d["sem_seg_file_name"])), metadata)
+        else:
+            pred = draw_predictions(img, out["instances"], metadata, score_thresh)
+            gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
         path = os.path.join(output_dir, os.path.splitext(os.path.basename(d["file_name"]))[0] + ".png")
         Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)
         paths.append(path)
