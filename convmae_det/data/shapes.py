@@ -17,10 +17,12 @@ The unlabeled pool is drawn from its own random stream (seed, "pool"), so its im
 draws of the same distribution, never copies of train or val images.
 """
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
+logger = logging.getLogger("convmae_det.data")
 FORMAT_VERSION = 4
 
 
@@ -237,6 +240,9 @@ def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force:
     spec = spec or ShapesSpec()
     root = os.path.abspath(root)
     if force or not shapes_dataset_ready(root, spec):
+        logger.info(f"writing the shapes dataset ({spec['num_train']} train, {spec['num_val']} val images of "
+                    f"{spec['image_size']} px) to {root} ...")
+        t0 = time.time()
         parent = os.path.dirname(root)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".shapes-", dir=parent)
@@ -268,6 +274,7 @@ def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force:
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+        logger.info(f"wrote the shapes dataset to {root} in {time.time() - t0:.0f} s")
     return {"train": _json_path(root, "train"), "val": _json_path(root, "val"), "root": root}
 
 
@@ -327,6 +334,8 @@ def generate_shapes_pool(root: str, num_images: int, spec: Optional[ShapesSpec] 
                     return pool
         except (OSError, ValueError):
             pass
+    logger.info(f"writing {num_images} unlabeled shapes images to {pool} ...")
+    t0 = time.time()
     os.makedirs(os.path.dirname(pool), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pool-", dir=os.path.dirname(pool))
     try:
@@ -340,4 +349,5 @@ def generate_shapes_pool(root: str, num_images: int, spec: Optional[ShapesSpec] 
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"wrote the unlabeled pool to {pool} in {time.time() - t0:.0f} s")
     return pool
