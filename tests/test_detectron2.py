@@ -13,6 +13,7 @@ from convmae_det.solver import get_param_groups
 from convmae_det.utils.compat import MissingCompiledOpError, check_compiled_ops, has_compiled_ops
 from conftest import BASE, TINY, assert_same_function, randomize_, tiny_cfg
 from convmae_det.modeling import ReferenceConvViT
+from convmae_det.modeling.convvit import CONVVIT_SIZES, GLOBAL_ATTN_INDEXES
 from reference_keys import convmae_base_encoder_shapes
 
 
@@ -101,6 +102,30 @@ def test_base_coco_config_builds_with_official_encoder_names():
     assert isinstance(model.roi_heads.box_head.conv1.norm, LayerNorm2d)
     assert isinstance(model.roi_heads.mask_head.mask_fcn1.norm, LayerNorm2d)
     assert len(model.proposal_generator.rpn_head.conv) == 2  # ViTDet RPN: two convs
+
+
+@pytest.mark.parametrize("size", sorted(GLOBAL_ATTN_INDEXES))
+def test_default_config_builds_a_convmae_mask_rcnn_of_every_size(size):
+    """add_convmae_config(get_cfg()) alone: the heads read pyramid levels (detectron2's defaults
+    would read 'res4'), and the global blocks are the size's own. Built on the meta device:
+    the structure without the cost of initialising the large model."""
+    cfg = add_convmae_config(get_cfg())
+    cfg.MODEL.CONVMAE.SIZE = size
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert isinstance(model.backbone, SimpleFeaturePyramid) and model.roi_heads.mask_on
+    blocks = model.backbone.net.blocks3
+    assert len(blocks) == CONVVIT_SIZES[size]["depths"][2]
+    assert [i for i, b in enumerate(blocks) if b.attn.window_size == 0] == list(GLOBAL_ATTN_INDEXES[size])
+
+
+def test_global_blocks_and_head_features_that_do_not_fit_are_clear_errors():
+    with pytest.raises(ValueError, match=r"GLOBAL_ATTN_INDEXES is empty, and the 'base' size's own .* set MODEL.CONVMAE"):
+        build_backbone(tiny_cfg("MODEL.CONVMAE.SIZE", "base", "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[]",
+                                "MODEL.CONVMAE.EMBED_DIMS", "[32, 48, 64]", "MODEL.CONVMAE.DEPTHS", "[1, 1, 2]"))
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.IN_FEATURES \['res4'\] names \['res4'\]"):
+        build_backbone(tiny_cfg("MODEL.ROI_HEADS.IN_FEATURES", "['res4']"))
 
 
 def test_unknown_config_key_is_a_clear_error():

@@ -34,6 +34,7 @@ from .runner import BlockRunner
 
 __all__ = [
     "CONVVIT_SIZES",
+    "GLOBAL_ATTN_INDEXES",
     "PatchEmbed",
     "ConvMlp",
     "ConvBlock",
@@ -56,6 +57,17 @@ CONVVIT_SIZES: Dict[str, dict] = {
     "small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6),
     "base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12),
     "large": dict(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16),
+}
+
+# stage-3 blocks with global attention in detection, per size (the others attend in windows).
+# base: Official-ConvMAE-Det; small: the same (same depth); large: ViTDet-L's 5/11/17/23 moved
+# one block earlier, as Base's are against ViTDet-B's 2/5/8/11 (stage 3 has one block less
+# than the ViT; no official ConvMAE-L detection config); tiny: every other block
+GLOBAL_ATTN_INDEXES: Dict[str, Tuple[int, ...]] = {
+    "tiny": (1, 3),
+    "small": (1, 4, 7, 10),
+    "base": (1, 4, 7, 10),
+    "large": (4, 10, 16, 22),
 }
 
 
@@ -463,7 +475,7 @@ class ConvViTBase(nn.Module):
         self.pos_embed = nn.Parameter(
             get_2d_sincos_pos_embed(d3, grid).unsqueeze(0), requires_grad=pos_embed_trainable
         )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: also under a meta device
         self.blocks1 = nn.ModuleList(
             [self.conv_block_cls(d1, mlp_ratio, dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0])]
         )
