@@ -59,6 +59,8 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
     assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").read_text() == "model_final.pth"
     assert_box_and_mask_ap(log)
     assert len(list((out / "vis").glob("*.png"))) == 2
+    text = (out / "log.txt").read_text()  # detectron2's log and convmae_det's, in one file
+    assert "Starting training from iteration 0" in text and f"wrote 2 prediction images of t_val to {out / 'vis'}" in text
 
     log = run_train_net(dataset, out, "--resume", opts=["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2"])
     assert "Starting training from iteration 3" in log, log[-2000:]

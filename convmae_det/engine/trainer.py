@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointError, load_checkpoint_file, unwrap_state_dic
 from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
 from ..evaluation import COCOEvaluator, resolve_coco_eval_backend
+from ..model_zoo import resolve_config_file
 from ..solver import build_optimizer
 from ..utils.compat import check_compiled_ops
 from ..utils.visualize import draw_predictions
@@ -35,14 +36,15 @@ logger = logging.getLogger("convmae_det")
 def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     """get_cfg + add_convmae_config + file + overrides, then checks that fail early and clearly.
 
+    ``config_file`` is a path, or the name of a packaged config
+    (:func:`convmae_det.model_zoo.resolve_config_file`); FileNotFoundError if it is neither.
     Unknown keys in the file or the overrides raise a ValueError naming the key.
     Without a GPU the model runs on the CPU, and AMP and MODEL.CONVMAE.COMPILE are turned off.
     """
     cfg = get_cfg()
     add_convmae_config(cfg)
     if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        config_file = resolve_config_file(config_file)
         try:
             cfg.merge_from_file(config_file)
         except KeyError as e:  # detectron2: "Non-existent config key: X"
@@ -93,7 +95,7 @@ def check_weights_fit(model, path: str) -> None:
         raise CheckpointError(
             f"MODEL.WEIGHTS {path} does not fit the backbone of this config ({len(bad)} tensors):\n"
             + "\n".join(bad[:10])
-            + "\nconvert it for this config with tools/convert_pretrain.py, or fix MODEL.CONVMAE"
+            + "\nconvert it for this config with convmae-convert (tools/convert_pretrain.py), or fix MODEL.CONVMAE"
         )
     if any(k.startswith("backbone.") for k in own) and not any(k in own for k in sd):
         raise CheckpointError(f"MODEL.WEIGHTS {path} shares no parameter name with the model (convert it first?)")
@@ -170,7 +172,8 @@ def check_image_files(dataset_dicts, names) -> None:
 @torch.no_grad()
 def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output_dir: str, score_thresh: float = 0.5):
     """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
-    of a registered dataset with detectron2's Visualizer; returns the PNG paths."""
+    of a registered dataset with detectron2's Visualizer into ``output_dir``; returns the PNG
+    paths (and logs where they are)."""
     os.makedirs(output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
@@ -186,4 +189,5 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
         Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)
         paths.append(path)
     model.train(was_training)
+    logger.info(f"wrote {len(paths)} prediction images of {dataset_name} to {output_dir}")
     return paths
