@@ -2,8 +2,8 @@
 
   convmae-pretrain --data /path/to/images --output output/pretrain --size base \
       --epochs 1600 --batch-size 128 --effective-batch 4096
-  torchrun --nproc_per_node 8 $(which convmae-pretrain) ...           # DDP on one machine
-  torchrun --nnodes 3 --node_rank R --master_addr HOST --nproc_per_node 8 $(which convmae-pretrain) ...
+  torchrun --nproc_per_node 8 -m convmae_det.cli.pretrain ...        # DDP on one machine
+  torchrun --nnodes 3 --node_rank R --master_addr HOST --nproc_per_node 8 -m convmae_det.cli.pretrain ...
   convmae-pretrain ... --resume                                       # continue output/checkpoint.pth
   convmae-pretrain ... --overwrite                                    # start over in an OUTPUT that holds a run
 (from a clone: python tools/pretrain.py ..., torchrun ... tools/pretrain.py ...)
