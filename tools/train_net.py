@@ -4,7 +4,7 @@
   python tools/train_net.py --config-file configs/COCO/mask_rcnn_convmae_base_25ep.yaml --num-gpus 8
   python tools/train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
   python tools/train_net.py --config-file CONFIG --resume          # continue from last_checkpoint
-Trailing KEY VALUE pairs override the config.
+Trailing KEY VALUE pairs override the config; a LazyConfig (CONFIG.py) takes key=value overrides.
 """
 import os
 import sys
@@ -18,10 +18,13 @@ from detectron2.engine import default_argument_parser, default_setup, launch  # 
 import convmae_det  # noqa: E402,F401  (registers backbones, heads, datasets)
 from convmae_det.data import add_register_argument, register_coco_datasets  # noqa: E402
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions  # noqa: E402
+from convmae_det.engine.lazy import is_lazy_config, main_lazy  # noqa: E402
 from convmae_det.engine.trainer import check_weights_fit  # noqa: E402
 
 
 def main(args):
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)
     try:
         register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
     except FileNotFoundError as e:
