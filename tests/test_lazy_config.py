@@ -234,4 +234,29 @@ def test_lazy_overrides_are_checked_against_the_config():
     assert cfg.model.backbone.net.compile_blocks is False and cfg.train.amp.enabled is False
     with pytest.raises(ValueError, match="max_to_keep must be None"):
         load_lazy_config(tiny, ["train.checkpointer.max_to_keep=0"])
+    with pytest.raises(ValueError, match=r"test images may reach 160 px \(dataloader.test.mapper.augmentations.0\)"):
+        load_lazy_config(tiny, ["dataloader.test.mapper.augmentations.0.max_size=160"])
+    base = os.path.join(ROOT, "configs", "COCO", "mask_rcnn_convmae_base_25ep.py")
+    with pytest.raises(ValueError, match="augmentations.image_size 1280 exceeds model.backbone.square_pad 1024"):
+        load_lazy_config(base, ["dataloader.train.mapper.augmentations.image_size=1280"])
+
+
+def test_lazy_loaders_prepare_the_builtin_data_and_check_image_files(monkeypatch, tmp_path):
+    import convmae_det.engine.lazy as lazy_engine
+    from detectron2.data import DatasetCatalog
+
+    prepared = []
+    monkeypatch.setattr(lazy_engine, "prepare_builtin_datasets", lambda names: prepared.extend(names))
+    cfg = load_lazy_config(os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes_labeled.py"))
+    missing = [{"file_name": str(tmp_path / f"{i}.png"), "image_id": i, "height": 8, "width": 8} for i in range(3)]
+    DatasetCatalog.register("lazy_missing_images", lambda: missing)
+    try:
+        cfg.dataloader.train.dataset.names = "lazy_missing_images"
+        with pytest.raises(FileNotFoundError, match=r"3 of 3 images of dataset\(s\) \['lazy_missing_images'\] are missing"):
+            lazy_engine.instantiate_loader(cfg.dataloader.train)
+    finally:
+        DatasetCatalog.remove("lazy_missing_images")
+    assert prepared == ["lazy_missing_images"]
+    lazy_engine.instantiate_loader(cfg.dataloader.test)  # the built-in val split: its files exist
+    assert prepared == ["lazy_missing_images", "convmae_shapes_val"]
 

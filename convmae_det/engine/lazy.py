@@ -135,10 +135,38 @@ def load_lazy_config(config_file: str, overrides: Sequence[str] = ()) -> DictCon
     keep = OmegaConf.select(cfg, "train.checkpointer.max_to_keep", default=None)
     if keep is not None and keep < 1:
         raise ValueError(f"train.checkpointer.max_to_keep must be None (keep all) or >= 1, got {keep}")
+    _check_square_pad(cfg)
     backend = OmegaConf.select(cfg, "dataloader.evaluator.backend", default=None)
     if isinstance(backend, DictConfig) and "_target_" in backend:
         instantiate(backend)  # an unknown TEST.FAST_COCO_EVAL-like value or a missing package fails here
     return cfg
+
+
+def _target_name(node) -> str:
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    return getattr(target, "__name__", str(target).rpartition(".")[2]) if target is not None else ""
+
+
+def _check_square_pad(cfg: DictConfig) -> None:
+    """The yacs checks of INPUT.LSJ.IMAGE_SIZE and the test size against the model's square
+    padding, on the LazyCalls that set them (build_lsj_augmentations, ResizeShortestEdge)."""
+    square = OmegaConf.select(cfg, "model.backbone.square_pad", default=0)
+    if not square:
+        return
+    for split in ("train", "test"):
+        key = f"dataloader.{split}.mapper.augmentations"
+        augs = OmegaConf.select(cfg, key, default=None)
+        if _target_name(augs) == "build_lsj_augmentations" and augs.image_size > square:
+            raise ValueError(f"{key}.image_size {augs.image_size} exceeds model.backbone.square_pad {square}")
+        for i, aug in enumerate(augs if isinstance(augs, ListConfig) else []):
+            if _target_name(aug) == "ResizeShortestEdge" and split == "test":
+                edge = aug.short_edge_length
+                size = max(aug.get("max_size", 0), *(edge if isinstance(edge, ListConfig) else [edge]))
+                if size > square:
+                    raise ValueError(
+                        f"test images may reach {size} px ({key}.{i}) but model.backbone.square_pad is {square}: "
+                        "set short_edge_length and max_size <= square_pad"
+                    )
 
 
 def _solver_view(train: DictConfig) -> CfgNode:
