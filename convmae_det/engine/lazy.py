@@ -12,6 +12,7 @@ before anything runs, the same CPU fallback. Overrides are ``key=value``
 import inspect
 import logging
 import os
+from pydoc import locate
 from typing import List, Sequence
 
 import torch
@@ -23,7 +24,6 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pydoc import locate
 
 from ..data import prepare_builtin_datasets, register_coco_datasets
 from ..solver import use_fused_optimizer
@@ -51,7 +51,7 @@ def is_lazy_config(path: str) -> bool:
     return os.path.splitext(path)[1] == ".py"
 
 
-def _unknown_key(cfg, key: str, why: str) -> ValueError:
+def _unknown_key(key: str, why: str) -> ValueError:
     hint = ""
     if key.split(".")[0].isupper():
         hint = (
@@ -87,11 +87,11 @@ def check_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
                 params = inspect.signature(target).parameters
                 if name in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
                     continue
-                raise _unknown_key(cfg, key, f"{_qualname(target)} takes no argument {name!r} (it takes {', '.join(params)})")
-            raise _unknown_key(cfg, key, f"no such key; {parent_key or 'the config'} has {', '.join(map(str, parent))}")
+                raise _unknown_key(key, f"{_qualname(target)} takes no argument {name!r} (it takes {', '.join(params)})")
+            raise _unknown_key(key, f"no such key; {parent_key or 'the config'} has {', '.join(map(str, parent))}")
         if isinstance(parent, ListConfig) and name.isdigit() and int(name) < len(parent):
             continue
-        raise _unknown_key(cfg, key, f"no such key ({parent_key!r} is not in the config)" if parent is None else "no such key")
+        raise _unknown_key(key, f"no such key ({parent_key!r} is not in the config)" if parent is None else "no such key")
 
 
 def _qualname(obj) -> str:
