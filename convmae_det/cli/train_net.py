@@ -3,7 +3,8 @@
   convmae-train --config-file configs/COCO/mask_rcnn_convmae_base_25ep.yaml --num-gpus 8
   convmae-train --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
   convmae-train --config-file CONFIG --resume          # continue from last_checkpoint
-(from a clone: python tools/train_net.py ...). Trailing KEY VALUE pairs override the config.
+(from a clone: python tools/train_net.py ...). Trailing KEY VALUE pairs override the config;
+a LazyConfig (CONFIG.py) takes key=value overrides.
 A --config-file that is not a file is looked up among the packaged configs by name
 (COCO/mask_rcnn_convmae_base_25ep.yaml, or with a leading configs/).
 """
@@ -17,6 +18,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 import convmae_det  # noqa: F401  (registers backbones, heads, datasets)
 from convmae_det.data import add_register_argument, register_coco_datasets
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions
+from convmae_det.engine.lazy import is_lazy_config, main_lazy
 from convmae_det.engine.trainer import check_weights_fit
 from convmae_det.model_zoo import resolve_config_file
 from convmae_det.utils.logger import setup_logging
@@ -26,9 +28,14 @@ __all__ = ["main", "cli"]
 
 def main(args):
     try:
-        register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
         if args.config_file:
             args.config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e))
+    if is_lazy_config(args.config_file):
+        return main_lazy(args)  # a LazyConfig (.py): ViTDet's train.*/dataloader.* conventions
+    try:
+        register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
     except FileNotFoundError as e:
         raise SystemExit(str(e))
     cfg = setup_cfg(args.config_file, args.opts)

@@ -28,7 +28,15 @@ from ..solver import build_optimizer
 from ..utils.compat import check_compiled_ops
 from ..utils.visualize import draw_predictions
 
-__all__ = ["setup_cfg", "Trainer", "check_image_files", "check_weights_fit", "visualize_predictions"]
+__all__ = [
+    "setup_cfg",
+    "Trainer",
+    "adopt_periodic_checkpoints",
+    "check_image_files",
+    "check_weights_fit",
+    "draw_prediction_images",
+    "visualize_predictions",
+]
 
 logger = logging.getLogger("convmae_det")
 
@@ -49,6 +57,12 @@ def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
             cfg.merge_from_file(config_file)
         except KeyError as e:  # detectron2: "Non-existent config key: X"
             raise ValueError(f"config file {config_file}: {e.args[0]}") from None
+    lazy_form = [o for o in list(opts)[::2] if "=" in str(o)]
+    if lazy_form:
+        raise ValueError(
+            f"config override {lazy_form[0]!r}: a yacs (.yaml) config takes KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100; "
+            "key=value overrides are for the LazyConfig (.py) configs"
+        )
     try:
         cfg.merge_from_list(list(opts))
     except (AssertionError, KeyError) as e:  # yacs asserts "Non-existent key: X" / odd length
@@ -128,7 +142,7 @@ class Trainer(DefaultTrainer):
         for h in ret:
             if keep and isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = keep
-                h.recent_checkpoints = sorted(glob.glob(os.path.join(self.cfg.OUTPUT_DIR, "model_[0-9]*.pth")))
+                adopt_periodic_checkpoints(h, self.cfg.OUTPUT_DIR)
         return ret
 
     @classmethod
@@ -159,6 +173,12 @@ class Trainer(DefaultTrainer):
         return super().test(cfg, model, evaluators)
 
 
+def adopt_periodic_checkpoints(hook, output_dir: str) -> None:
+    """Count the periodic checkpoints already in ``output_dir`` (a resumed run) among those that
+    a PeriodicCheckpointer with ``max_to_keep`` removes when newer ones come."""
+    hook.recent_checkpoints = sorted(glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")))
+
+
 def check_image_files(dataset_dicts, names) -> None:
     """Fail before training or evaluation starts if images of a dataset are missing on disk."""
     missing = [d["file_name"] for d in dataset_dicts if not os.path.isfile(d["file_name"])]
@@ -174,14 +194,22 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
     """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
     of a registered dataset with detectron2's Visualizer into ``output_dir``; returns the PNG
     paths (and logs where they are)."""
-    os.makedirs(output_dir, exist_ok=True)
-    metadata = MetadataCatalog.get(dataset_name)
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
     loader = build_detection_test_loader(cfg, dataset_name)
+    paths = draw_prediction_images(model, dicts, loader, MetadataCatalog.get(dataset_name), output_dir, score_thresh)
+    logger.info(f"wrote {len(paths)} prediction images of {dataset_name} to {output_dir}")
+    return paths
+
+
+@torch.no_grad()
+def draw_prediction_images(model, dataset_dicts, loader, metadata, output_dir: str, score_thresh: float = 0.5):
+    """Write one PNG per record of ``dataset_dicts``: the predictions on the batch that ``loader``
+    gives for it (left) beside its ground truth (right); returns the paths."""
+    os.makedirs(output_dir, exist_ok=True)
     was_training = model.training
     model.eval()
     paths = []
-    for d, inputs in zip(dicts, loader):
+    for d, inputs in zip(dataset_dicts, loader):
         img = utils.read_image(d["file_name"], format="RGB")
         pred = draw_predictions(img, model(inputs)[0]["instances"], metadata, score_thresh)
         gt = Visualizer(img, metadata).draw_dataset_dict(d).get_image()
@@ -189,5 +217,4 @@ def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output
         Image.fromarray(np.concatenate([pred, gt], axis=1)).save(path)
         paths.append(path)
     model.train(was_training)
-    logger.info(f"wrote {len(paths)} prediction images of {dataset_name} to {output_dir}")
     return paths
