@@ -205,3 +205,33 @@ def test_msfp_can_start_at_p3():
     assert {k: v.shape[-1] for k, v in out.items()} == {"p3": 16, "p4": 8, "p5": 4, "p6": 2}
     with pytest.raises(ValueError, match="contiguous"):
         build_backbone(tiny_cfg("MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s16"]'))
+
+
+@pytest.mark.parametrize("impl", ["fast", "eager"])
+def test_trace_at_one_size_runs_at_another(impl):
+    """With SQUARE_PAD the padding is the only size-dependent step: a torch.jit.trace of the
+    backbone taken at the square size serves smaller and non-square inputs (the pad is
+    recorded even when the sample needs none), equal to the eager module, and saves."""
+    import io
+    import warnings
+
+    opts = ["MODEL.BACKBONE.NAME", "build_convmae_sfp_backbone", "MODEL.CONVMAE.IMPL", impl,
+            "MODEL.CONVMAE.SQUARE_PAD", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+            "MODEL.CONVMAE.EMBED_DIMS", "[32, 48, 64]", "MODEL.CONVMAE.DEPTHS", "[1, 1, 2]",
+            "MODEL.CONVMAE.NUM_HEADS", "2", "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[1]",
+            "MODEL.CONVMAE.WINDOW_SIZE", "3", "MODEL.CONVMAE.PYRAMID.OUT_CHANNELS", "16"]
+    backbone = randomize_(build_backbone(tiny_cfg(*opts))).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the input checks
+        traced = torch.jit.trace(backbone, torch.randn(1, 3, 64, 64), strict=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)  # nothing in the graph calls back into Python
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        for hw in [(48, 64), (64, 48), (32, 32)]:
+            x = torch.randn(1, 3, *hw)
+            want = backbone(x)
+            for got in (traced(x), loaded(x)):
+                assert list(got) == list(want)
+                for k in want:
+                    assert torch.allclose(got[k], want[k], atol=1e-5), (hw, k, (got[k] - want[k]).abs().max())

@@ -296,7 +296,11 @@ class Attention(nn.Module):
         zeros = _cached(_zero_rows)(pad, d, rh.device, rh.dtype)  # keeps the last window of P in bounds
         table = torch.cat([rh, rw, zeros])  # (2H-1 + 2W-1 + pad) x d
         P = torch.matmul(q, table.t().to(q.dtype)).view(B, nh, H, W, -1)
-        q2 = _RelativeShift.apply(q.reshape(B, nh, H, W, d), P, pad).view(B, nh, N, d + H + W + pad)
+        if torch.jit.is_tracing():  # a trace cannot save the custom autograd function
+            q2 = torch.cat([q.reshape(B, nh, H, W, d), *_rel_windows_gathered(P, pad)], dim=-1)
+        else:
+            q2 = _RelativeShift.apply(q.reshape(B, nh, H, W, d), P, pad)
+        q2 = q2.view(B, nh, N, d + H + W + pad)
         onehot = _cached(_grid_onehot)(H, W, pad, 1.0 / self.scale, q.device, q.dtype)
         onehot = onehot.expand(B, nh, N, H + W + pad)
         k2 = torch.cat([k, onehot], dim=-1)
@@ -322,6 +326,19 @@ def _rel_windows(P: torch.Tensor, pad: int, fresh: bool = False) -> Tuple[torch.
         rel_w = P.as_strided(size_w, stride_w, 2 * H - 1)
     else:
         rel_w = P[..., 2 * H - 1 :].as_strided(size_w, stride_w)
+    return rel_h, rel_w
+
+
+def _rel_windows_gathered(P: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The windows of :func:`_rel_windows` as gathers (copies): what a ``torch.jit.trace``
+    records, and what TorchScript and ONNX can save (the strided views' custom backward cannot)."""
+    B, nh, H, W, K = P.shape
+    ih = torch.arange(H, device=P.device)[:, None, None]
+    iw = torch.arange(W, device=P.device)[None, :, None]
+    idx_h = ih + torch.arange(H, device=P.device)  # H 1 H: P[..., ih, iw, ih + t]
+    idx_w = 2 * H - 1 + iw + torch.arange(W + pad, device=P.device)  # 1 W (W + pad)
+    rel_h = P.gather(-1, idx_h.expand(H, W, H).expand(B, nh, H, W, H))
+    rel_w = P.gather(-1, idx_w.expand(H, W, W + pad).expand(B, nh, H, W, W + pad))
     return rel_h, rel_w
 
 

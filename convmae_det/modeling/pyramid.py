@@ -40,12 +40,14 @@ __all__ = [
 
 
 def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad B C H W at the bottom and right to size x size; error if the input is larger."""
+    """Zero-pad B C H W at the bottom and right to size x size; error if the input is larger.
+
+    Pads even an input that is already square (a zero-size pad, which returns a copy): a
+    ``torch.jit.trace`` then records the pad from the input's size, and the trace serves every
+    input size, where an early return would bake the sample's size into it."""
     H, W = x.shape[-2:]
     if H > size or W > size:
         raise ValueError(f"input {H}x{W} is larger than the square padding size {size}")
-    if (H, W) == (size, size):
-        return x
     return F.pad(x, (0, size - W, 0, size - H))
 
 
