@@ -20,6 +20,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from .layers import (
@@ -524,6 +525,12 @@ class ConvViTBase(nn.Module):
     @property
     def out_feature_strides(self) -> Dict[str, int]:
         return {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        """Channels and stride of each output of ``out_features``, as a detectron2 ``Backbone``
+        reports them (what :class:`~convmae_det.modeling.pyramid.SimpleFeaturePyramid` reads)."""
+        ch, st = self.out_feature_channels, self.out_feature_strides
+        return {f: ShapeSpec(channels=ch[f], stride=st[f]) for f in self._out_features}
 
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
