@@ -15,13 +15,14 @@ What the official code computes is :mod:`convmae_det.modeling.reference` (same p
 names); the tests hold this model equal to it, outputs and gradients.
 """
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .layers import (
     _cached,
@@ -417,7 +418,8 @@ class ConvViTBase(nn.Module):
     :class:`~convmae_det.modeling.reference.ReferenceConvViT` the official one.
 
     Outputs: a dict of NCHW features ``{"s4", "s8", "s16", "s32"}`` restricted to
-    ``out_features``; ``s32`` is a 2x2 max pool of ``s16``.
+    ``out_features``; ``s32`` is a 2x2 max pool of ``s16``. timm's feature interface
+    (:attr:`feature_info`, :meth:`forward_intermediates`) gives the same four maps as a list.
     """
 
     patch_embed_cls: type = None
@@ -505,6 +507,13 @@ class ConvViTBase(nn.Module):
                 for i in range(depths[2])
             ]
         )
+        # timm's feature metadata (FeatureInfo): the four maps of forward_intermediates
+        self.feature_info = [
+            dict(num_chs=d1, reduction=4, module="blocks1"),
+            dict(num_chs=d2, reduction=8, module="blocks2"),
+            dict(num_chs=d3, reduction=16, module="blocks3"),
+            dict(num_chs=d3, reduction=32, module="blocks3"),  # a 2x2 max pool of blocks3's output
+        ]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -538,12 +547,44 @@ class ConvViTBase(nn.Module):
         if H % 16 or W % 16:
             raise ValueError(f"ConvViT input {H}x{W}: height and width must be multiples of 16")
 
-    def _outputs(self, s4: torch.Tensor, s8: torch.Tensor, s16: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The NCHW outputs named by ``out_features``."""
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The three stages' NCHW outputs (s4, s8, s16) of B 3 H W images; with ``conv_only``
+        stage 3 is skipped and s16 is None. Defined by the subclass."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward_stages")
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The NCHW outputs named by ``out_features``; ``s32`` is a 2x2 max pool of ``s16``."""
+        s4, s8, s16 = self.forward_stages(x)
         outs = {"s4": s4, "s8": s8, "s16": s16}
         if "s32" in self._out_features:
             outs["s32"] = F.max_pool2d(s16, kernel_size=2, stride=2)
         return {k: outs[k] for k in self._out_features}
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature interface (``features_only=True`` calls it): the NCHW maps of
+        :attr:`feature_info` picked by ``indices`` (0-3 = strides 4, 8, 16, 32; an int n takes
+        the last n, None all), whatever ``out_features`` is. Returns the list, or (the stride-16
+        map, the list) unless ``intermediates_only``. ``stop_early`` with ``intermediates_only``
+        skips stage 3 when only strides 4 and 8 are taken. There is no final norm to apply."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"ConvViT features are NCHW, got output_fmt {output_fmt!r}")
+        if norm:
+            raise ValueError("the ConvViT encoder has no final norm: forward_intermediates takes norm=False")
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        s4, s8, s16 = self.forward_stages(x, conv_only=stop_early and intermediates_only and max_index < 2)
+        maps = [s4, s8, s16, F.max_pool2d(s16, kernel_size=2, stride=2) if 3 in take else None]
+        feats = [maps[i] for i in take]
+        return feats if intermediates_only else (s16, feats)
 
 
 class ConvViT(ConvViTBase):
@@ -596,10 +637,14 @@ class ConvViT(ConvViTBase):
         s8 = x
         return s4, s8, self.patch_embed4(self.patch_embed3(x))
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         s4, s8, x = self.forward_conv_stages(x)
+        s4, s8 = s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2)  # B H W C -> B C H W views
+        if conv_only:
+            return s4, s8, None
         x = x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=True)
         for blk in self.blocks3:
             x = self.runner(blk.forward, x)
-        # B H W C -> B C H W views
-        return self._outputs(s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2))
+        return s4, s8, x.permute(0, 3, 1, 2)

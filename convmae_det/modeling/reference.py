@@ -21,7 +21,7 @@ checkpoints load into either.
 (The pyramid's reference is :class:`~convmae_det.modeling.pyramid.SimpleFeaturePyramid` with
 ``channels_last=False``: plain ``nn.Sequential`` stages of torch and detectron2 layers.)
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -186,10 +186,14 @@ class ReferenceConvViT(ConvViTBase):
         s8 = self._run(self.blocks2, self.patch_embed2(s4), *([m8] if m8 is not None else []))
         return s4, s8, self.patch_embed4(self.patch_embed3(s8).permute(0, 2, 3, 1))
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         s4, s8, x = self.forward_conv_stages(x)
+        if conv_only:
+            return s4, s8, None
         x = self._run(self.blocks3, x + resample_abs_pos(self.pos_embed, x.shape[1:3]))
-        return self._outputs(s4, s8, x.permute(0, 3, 1, 2).contiguous())
+        return s4, s8, x.permute(0, 3, 1, 2).contiguous()
 
 
 class ReferenceConvMAE(MAEMixin, ReferenceConvViT):
