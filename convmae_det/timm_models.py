@@ -21,12 +21,6 @@ resampled, tables the file lacks keep their initialisation):
 - ``timm.create_model("convvit_base", checkpoint_path=path)``: timm loads the file with
   ``load_state_dict``, which these models accept in the official layouts too (a pre-hook
   converts them), with or without ``features_only``.
-
-timm reads files with ``torch.load(weights_only=True)``, which refuses a checkpoint that also
-pickles the training arguments (an ``argparse.Namespace`` under "args", as MAE-style training
-scripts save them). Read such a file with :func:`convmae_det.checkpoint.load_checkpoint_file`
-and pass ``pretrained=True, pretrained_cfg_overlay=dict(state_dict=...)``, or convert it first
-(``tools/convert_pretrain.py``).
 """
 import functools
 import logging

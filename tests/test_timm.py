@@ -99,6 +99,18 @@ def test_pretrained_file_overlay_goes_through_the_filter(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in _encoder_part(sd).items())
 
 
+def test_checkpoint_with_pickled_training_arguments_loads(tmp_path):
+    """An MAE-style training checkpoint: the model under "model" beside an argparse.Namespace
+    of the arguments and the epoch (timm's weights-only read allows the Namespace)."""
+    import argparse
+
+    sd = _official_tiny("pretrain-full", seed=2)
+    path = str(tmp_path / "checkpoint-1599.pth")
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4), "epoch": 1599}, path)
+    got = timm.create_model("convvit_tiny", checkpoint_path=path).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in _encoder_part(sd).items())
+
+
 def test_foreign_files_and_classifiers_are_clear_errors(tmp_path):
     path = str(tmp_path / "foreign.pth")
     torch.save({"model": {"stem.weight": torch.zeros(3)}}, path)
