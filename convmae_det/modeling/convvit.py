@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
+from timm.layers import ConvMlp as TimmConvMlp
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models._features import feature_take_indices
 
@@ -132,17 +133,16 @@ class PatchEmbed(nn.Module):
         return self.act(self.norm(patch_linear(self.proj, x)))
 
 
-class ConvMlp(nn.Module):
-    """MLP of two 1x1 convs (``fc1``, ``fc2``, conv-shaped weights) on (..., C) features."""
+class ConvMlp(TimmConvMlp):
+    """timm's ``ConvMlp`` (1x1 convs ``fc1``, ``fc2``, the official CBlock's MLP; GELU, no norm,
+    no dropout) applied to (..., C) features: each 1x1 conv is a matmul over the channels. The
+    reference runs timm's own forward on NCHW."""
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[..., nn.Module] = nn.GELU):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        super().__init__(dim, hidden_dim, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise(self.fc2, self.act(_pointwise(self.fc1, x)))
+        return _pointwise(self.fc2, self.drop(self.act(self.norm(_pointwise(self.fc1, x)))))
 
 
 class ConvBlock(nn.Module):

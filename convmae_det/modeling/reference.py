@@ -26,9 +26,9 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, Mlp
+from timm.layers import ConvMlp, DropPath, Mlp
 
-from .convvit import ConvMlp, ConvViTBase
+from .convvit import ConvViTBase
 from .layers import LayerNorm2d, decomposed_rel_pos, resample_abs_pos, window_partition, window_unpartition
 from .mae import MAEMixin
 from .masking import grid_of, upsample_mask
@@ -56,13 +56,6 @@ class ReferencePatchEmbed(nn.Module):
         return self.act(self.norm(self.proj(x)))
 
 
-class _ReferenceConvMlp(ConvMlp):
-    """The same parameters as :class:`~convmae_det.modeling.convvit.ConvMlp`, on NCHW."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class ReferenceConvBlock(nn.Module):
     """Official ``CBlock``, NCHW; ``mask`` (B 1 H W, 1 = visible) multiplies the depthwise conv's
     input (masked convolution)."""
@@ -75,7 +68,7 @@ class ReferenceConvBlock(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm2d(dim, eps=norm_eps)
-        self.mlp = _ReferenceConvMlp(dim, int(dim * mlp_ratio))
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)  # timm's, NCHW
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.conv1(self.norm1(x))
