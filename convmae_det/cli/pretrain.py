@@ -29,6 +29,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from timm.utils import init_distributed_device
 
 from convmae_det.pretrain import engine
 from convmae_det.utils.logger import setup_logging
@@ -82,14 +83,12 @@ def get_args(argv=None):
 
 
 def setup_distributed(device_arg):
-    """(device, rank, world size) from torchrun's environment; joins the process group if world > 1."""
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
-    use_cuda = (device_arg or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return (torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")), rank, world
+    """(device, rank, world size) from torchrun's or SLURM's environment (timm's
+    init_distributed_device): with several processes it joins the process group (NCCL on
+    CUDA, else gloo) and gives each its local GPU."""
+    ns = argparse.Namespace(device=device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = init_distributed_device(ns)
+    return device, ns.rank, ns.world_size
 
 
 def main(argv=None):

@@ -4,11 +4,13 @@
 "eager" the reference (:mod:`convmae_det.modeling.reference`, what the official code computes:
 NCHW conv stages, explicit attention, a plain NCHW pyramid), with the same parameter names.
 """
+import math
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 
 from .convvit import GLOBAL_ATTN_INDEXES, ConvViT, ConvViTBase, check_stage3_indexes, convvit_kwargs
-from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
+from .pyramid import MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid, last_level_max_pool
 from .reference import ReferenceConvViT
 
 IMPLS = ("fast", "eager")
@@ -102,10 +104,15 @@ def build_convmae_sfp_backbone(cfg, input_shape: ShapeSpec):
     """ConvViT + ViTDet simple feature pyramid from the stride-16 output (p2-p6)."""
     _check_input(cfg, input_shape)
     c = cfg.MODEL.CONVMAE
+    scale_factors = tuple(c.PYRAMID.SCALE_FACTORS)
+    last_level = f"p{int(math.log2(16 / min(scale_factors)))}" if scale_factors else "p5"
     return _check_head_features(cfg, SimpleFeaturePyramid(
         build_convvit_from_cfg(cfg, out_features=("s16",)),
+        in_feature="s16",
         out_channels=c.PYRAMID.OUT_CHANNELS,
-        scale_factors=tuple(c.PYRAMID.SCALE_FACTORS),
+        scale_factors=scale_factors,
+        top_block=last_level_max_pool(last_level),  # p6 (a max pool of the last level)
+        norm="LN",
         square_pad=c.SQUARE_PAD,
         channels_last=not _uses_reference(cfg),
     ))

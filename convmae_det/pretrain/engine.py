@@ -35,6 +35,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
+from torchvision.utils import save_image
 
 from ..modeling.masking import grid_of, patch_mean_std, patchify, unpatchify
 from ..utils.fileio import atomic_link, atomic_write
@@ -383,8 +384,6 @@ def reconstruction_grid(model: nn.Module, dataset, mask_ratio: float, path: str,
     pasted back); the model draws the masks (``seed``). Predictions of a norm_pix_loss model are
     de-normalised with each patch's own mean and std (:func:`patch_mean_std`), as in the MAE
     visualisation. Returns ``path``."""
-    from PIL import Image
-
     was_training = model.training
     model.eval()
     imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device).float()
@@ -398,10 +397,9 @@ def reconstruction_grid(model: nn.Module, dataset, mask_ratio: float, path: str,
     recon = unpatchify(target * (1 - m) + pred * m, grid)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
-    rows = [(t * std + mean).clamp(0, 1) for t in (imgs, masked, recon)]
-    # rows of B 3 H W -> one (3H) x (B W) image
-    canvas = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    # 3 x (B 3 H W) -> (3B) 3 H W, laid out B to a row: one (3H) x (B W) image
+    rows = torch.cat([(t * std + mean).clamp(0, 1) for t in (imgs, masked, recon)])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray((canvas.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(path)
+    save_image(rows, path, nrow=imgs.shape[0], padding=0)
     model.train(was_training)
     return path
