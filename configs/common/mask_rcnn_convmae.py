@@ -31,6 +31,7 @@ from torch.optim import AdamW
 from convmae_det.data import build_lsj_augmentations
 from convmae_det.evaluation import COCOEvaluator, resolve_coco_eval_backend
 from convmae_det.modeling import ConvViT, SimpleFeaturePyramid, convvit_kwargs, resolve_norm
+from convmae_det.modeling.pyramid import last_level_max_pool
 from convmae_det.solver import get_param_groups
 
 # "LN": the channel LayerNorm (eps 1e-6) that the yacs heads' NORM: "LN" resolves to; detectron2
@@ -54,8 +55,11 @@ model = L(GeneralizedRCNN)(
             compile_blocks=False,  # MODEL.CONVMAE.COMPILE (off on the CPU whatever this says)
             out_features=("s16",),
         ),
+        in_feature="s16",
         out_channels=256,
         scale_factors=(4.0, 2.0, 1.0, 0.5),
+        top_block=L(last_level_max_pool)(in_feature="p5"),  # p6, as build_convmae_sfp_backbone
+        norm="LN",
         square_pad=1024,
     ),
     proposal_generator=L(RPN)(
