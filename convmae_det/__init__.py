@@ -1,5 +1,6 @@
-"""convmae-det: ConvMAE backbones for detectron2 (importing it fills detectron2's registries)."""
-from . import data, modeling  # noqa: F401  (registers backbones, heads and datasets)
+"""convmae-det: ConvMAE backbones for detectron2 (importing it fills detectron2's registries and
+registers the ConvViT sizes as timm models, ``convvit_base``...)."""
+from . import data, modeling, timm_models  # noqa: F401  (registers backbones, heads, datasets, timm models)
 from .config import add_convmae_config
 from .modeling import ConvViT, MultiScaleSimpleFeaturePyramid, SimpleFeaturePyramid
 

@@ -1,4 +1,11 @@
-"""Every convmae-det default, in one place: ``add_convmae_config(cfg)``."""
+"""Every convmae-det default, in one place: ``add_convmae_config(cfg)``.
+
+Besides its own keys it makes detectron2's model defaults those of a ViTDet-style ConvMAE
+Mask R-CNN (``configs/Base-ConvMAE-MaskRCNN.yaml`` less its COCO sizes and recipe): the
+backbone, the pyramid levels the heads read, anchors per level, the heads and RGB ImageNet
+normalisation. So ``add_convmae_config(get_cfg())`` builds a ConvMAE model of every
+MODEL.CONVMAE.SIZE; a config written against detectron2's ResNet defaults must name them.
+"""
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_convmae_config"]
@@ -21,8 +28,9 @@ def add_convmae_config(cfg: CN) -> CN:
     # eps of the conv blocks' LayerNorms: 1e-6 (official detection code), 1e-5 (pretraining)
     _C.MODEL.CONVMAE.CONV_NORM_EPS = 1e-6
     _C.MODEL.CONVMAE.WINDOW_SIZE = 14
-    # stage-3 blocks with global attention; all others use windows of WINDOW_SIZE
-    _C.MODEL.CONVMAE.GLOBAL_ATTN_INDEXES = [1, 4, 7, 10]
+    # stage-3 blocks with global attention; all others use windows of WINDOW_SIZE. Empty: the
+    # size's own (convmae_det.modeling.convvit.GLOBAL_ATTN_INDEXES; base: 1, 4, 7, 10)
+    _C.MODEL.CONVMAE.GLOBAL_ATTN_INDEXES = []
     _C.MODEL.CONVMAE.USE_REL_POS = True
     # training image size: global blocks' rel-pos tables are sized for a (size/16) grid
     _C.MODEL.CONVMAE.REL_POS_IMG_SIZE = 1024
@@ -46,6 +54,30 @@ def add_convmae_config(cfg: CN) -> CN:
 
     # ConvMAEROIHeads: box size that maps to the canonical level p4 (detectron2 fixes 224)
     _C.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224
+
+    # detectron2's model keys, for a ConvMAE Mask R-CNN (detectron2's defaults are a ResNet C4
+    # model, whose heads read "res4"): p2-p6 from the pyramid, one anchor size per level
+    _C.MODEL.MASK_ON = True
+    _C.MODEL.BACKBONE.NAME = "build_convmae_sfp_backbone"
+    _C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]  # RGB, ImageNet statistics as in pretraining
+    _C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+    _C.INPUT.FORMAT = "RGB"
+    _C.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+    _C.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    _C.MODEL.RPN.CONV_DIMS = [-1, -1]  # ViTDet: two 3x3 convs
+    _C.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    _C.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    _C.MODEL.ROI_BOX_HEAD.NAME = "ConvMAEConvFCHead"  # 4 conv + 1 fc with LayerNorm
+    _C.MODEL.ROI_BOX_HEAD.NUM_CONV = 4
+    _C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
+    _C.MODEL.ROI_BOX_HEAD.NUM_FC = 1
+    _C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+    _C.MODEL.ROI_BOX_HEAD.NORM = "LN"
+    _C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    _C.MODEL.ROI_MASK_HEAD.NAME = "ConvMAEMaskHead"
+    _C.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+    _C.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
+    _C.MODEL.ROI_MASK_HEAD.NORM = "LN"
 
     # Heads: "LN" (channel LayerNorm, as in ViTDet) is accepted by the ConvMAE* heads' NORM keys
     # on every detectron2 release, including 0.6, which has no get_norm("LN").

@@ -10,10 +10,10 @@ after the network (box rescaling to the original image size, pasting the masks) 
 Python: :class:`ExportedModel` runs it with ``detector_postprocess``, as the model itself does.
 
 The encoder is traced in its reference implementation (``MODEL.CONVMAE.IMPL eager``, the same
-parameters and the same function as the default fast path, see ``modeling/reference.py``): the
-fast attention's relative shift is a custom autograd function, which a trace records as a call
-back into Python that ``torch.jit.save`` refuses ("Could not export Python function call
-'_RelativeShift'") and the ONNX exporter fails on. The comparison is always against the Python
+parameters and the same function as the default fast path, see ``modeling/reference.py``). The
+fast path traces too (under ``torch.jit.trace`` its relative shift is a gather rather than the
+custom autograd function, which ``torch.jit.save`` and the ONNX exporter refuse), but the
+exported files are checked on the reference. The comparison is always against the Python
 model as configured.
 
 A trace records the shapes of its sample input as constants: the exported model takes images

@@ -82,6 +82,19 @@ def test_block_equals_reference_block(window, hw):
     assert_same_function(fast, ref, torch.randn(2, *hw, 48, requires_grad=True), atol=1e-5)
 
 
+@pytest.mark.parametrize("window,hw", [(0, (4, 5)), (3, (5, 7))])
+def test_traced_rel_pos_attention_equals_the_relative_shift(window, hw):
+    """Under torch.jit.trace the relative-position windows are gathers instead of the custom
+    autograd function (which a trace cannot save): same outputs and gradients."""
+    import io
+
+    attn = randomize_(Attention(36, 3, window_size=window, use_rel_pos=True, rel_pos_size=(4, 5)), std=0.5)
+    x = torch.randn(2, *hw, 36, requires_grad=True)
+    traced = torch.jit.trace(attn, x)
+    torch.jit.save(traced, io.BytesIO())
+    assert_same_function(attn, traced, x, atol=1e-5, load=False)
+
+
 def test_rel_pos_attention_compiles_to_one_graph():
     """torch.compile traces the fused relative-position attention whole (reading a tensor's
     storage offset in it split the graph into 9 pieces)."""

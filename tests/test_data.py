@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 
 import numpy as np
@@ -48,6 +49,37 @@ def test_annotations_are_visible_parts(shapes):
 def test_ready_check_and_regeneration(shapes):
     assert shapes_dataset_ready(shapes["root"], SPEC)
     assert not shapes_dataset_ready(shapes["root"], ShapesSpec(num_train=13, num_val=6, image_size=96, max_size=48, seed=3))
+
+
+def test_builtin_dataset_root_is_read_when_the_dataset_is_used(tmp_path, monkeypatch, caplog):
+    """DETECTRON2_DATASETS set after `import convmae_det` (which registered the dataset): the
+    catalog and the metadata COCOEvaluator reads follow it, and the files are written there."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import convmae_det  # noqa: F401  (registers convmae_shapes_*)
+    from convmae_det.data import prepare_builtin_datasets
+
+    assert "convmae_shapes_val" in DatasetCatalog.list()
+    for folder in ("a", "b"):
+        monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / folder))
+        root = str(tmp_path / folder / "convmae_shapes")
+        if folder == "a":  # found where it is
+            generate_shapes_dataset(root, SPEC)
+        else:  # written there, the start and the end logged with the path
+            logger = logging.getLogger("convmae_det.data")
+            logger.addHandler(caplog.handler)  # whether or not a tool's set-up stopped propagation
+            try:
+                with caplog.at_level(logging.INFO, logger="convmae_det.data"):
+                    prepare_builtin_datasets(["convmae_shapes_val"], SPEC)
+            finally:
+                logger.removeHandler(caplog.handler)
+            assert f"writing the shapes dataset (12 train, 6 val images of 96 px) to {root}" in caplog.text
+            assert f"wrote the shapes dataset to {root}" in caplog.text
+        dicts = DatasetCatalog.get("convmae_shapes_val")
+        assert len(dicts) == SPEC["num_val"] and all(d["file_name"].startswith(root + os.sep) for d in dicts)
+        meta = MetadataCatalog.get("convmae_shapes_val")
+        assert meta.json_file == os.path.join(root, "annotations", "instances_val.json")
+        assert meta.image_root == os.path.join(root, "val") and meta.thing_classes == SHAPE_CLASSES
 
 
 def test_missing_images_are_reported_by_path(tmp_path):

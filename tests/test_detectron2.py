@@ -13,6 +13,7 @@ from convmae_det.solver import get_param_groups
 from convmae_det.utils.compat import MissingCompiledOpError, check_compiled_ops, has_compiled_ops
 from conftest import BASE, TINY, assert_same_function, randomize_, tiny_cfg
 from convmae_det.modeling import ReferenceConvViT
+from convmae_det.modeling.convvit import CONVVIT_SIZES, GLOBAL_ATTN_INDEXES
 from reference_keys import convmae_base_encoder_shapes
 
 
@@ -101,6 +102,30 @@ def test_base_coco_config_builds_with_official_encoder_names():
     assert isinstance(model.roi_heads.box_head.conv1.norm, LayerNorm2d)
     assert isinstance(model.roi_heads.mask_head.mask_fcn1.norm, LayerNorm2d)
     assert len(model.proposal_generator.rpn_head.conv) == 2  # ViTDet RPN: two convs
+
+
+@pytest.mark.parametrize("size", sorted(GLOBAL_ATTN_INDEXES))
+def test_default_config_builds_a_convmae_mask_rcnn_of_every_size(size):
+    """add_convmae_config(get_cfg()) alone: the heads read pyramid levels (detectron2's defaults
+    would read 'res4'), and the global blocks are the size's own. Built on the meta device:
+    the structure without the cost of initialising the large model."""
+    cfg = add_convmae_config(get_cfg())
+    cfg.MODEL.CONVMAE.SIZE = size
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert isinstance(model.backbone, SimpleFeaturePyramid) and model.roi_heads.mask_on
+    blocks = model.backbone.net.blocks3
+    assert len(blocks) == CONVVIT_SIZES[size]["depths"][2]
+    assert [i for i, b in enumerate(blocks) if b.attn.window_size == 0] == list(GLOBAL_ATTN_INDEXES[size])
+
+
+def test_global_blocks_and_head_features_that_do_not_fit_are_clear_errors():
+    with pytest.raises(ValueError, match=r"GLOBAL_ATTN_INDEXES is empty, and the 'base' size's own .* set MODEL.CONVMAE"):
+        build_backbone(tiny_cfg("MODEL.CONVMAE.SIZE", "base", "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[]",
+                                "MODEL.CONVMAE.EMBED_DIMS", "[32, 48, 64]", "MODEL.CONVMAE.DEPTHS", "[1, 1, 2]"))
+    with pytest.raises(ValueError, match=r"MODEL.ROI_HEADS.IN_FEATURES \['res4'\] names \['res4'\]"):
+        build_backbone(tiny_cfg("MODEL.ROI_HEADS.IN_FEATURES", "['res4']"))
 
 
 def test_unknown_config_key_is_a_clear_error():
@@ -205,3 +230,85 @@ def test_msfp_can_start_at_p3():
     assert {k: v.shape[-1] for k, v in out.items()} == {"p3": 16, "p4": 8, "p5": 4, "p6": 2}
     with pytest.raises(ValueError, match="contiguous"):
         build_backbone(tiny_cfg("MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES", '["s4", "s16"]'))
+
+
+@pytest.mark.parametrize("impl", ["fast", "eager"])
+def test_trace_at_one_size_runs_at_another(impl):
+    """With SQUARE_PAD the padding is the only size-dependent step: a torch.jit.trace of the
+    backbone taken at the square size serves smaller and non-square inputs (the pad is
+    recorded even when the sample needs none), equal to the eager module, and saves."""
+    import io
+    import warnings
+
+    opts = ["MODEL.BACKBONE.NAME", "build_convmae_sfp_backbone", "MODEL.CONVMAE.IMPL", impl,
+            "MODEL.CONVMAE.SQUARE_PAD", "64", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+            "MODEL.CONVMAE.EMBED_DIMS", "[32, 48, 64]", "MODEL.CONVMAE.DEPTHS", "[1, 1, 2]",
+            "MODEL.CONVMAE.NUM_HEADS", "2", "MODEL.CONVMAE.GLOBAL_ATTN_INDEXES", "[1]",
+            "MODEL.CONVMAE.WINDOW_SIZE", "3", "MODEL.CONVMAE.PYRAMID.OUT_CHANNELS", "16"]
+    backbone = randomize_(build_backbone(tiny_cfg(*opts))).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the input checks
+        traced = torch.jit.trace(backbone, torch.randn(1, 3, 64, 64), strict=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)  # nothing in the graph calls back into Python
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+        for hw in [(48, 64), (64, 48), (32, 32)]:
+            x = torch.randn(1, 3, *hw)
+            want = backbone(x)
+            for got in (traced(x), loaded(x)):
+                assert list(got) == list(want)
+                for k in want:
+                    assert torch.allclose(got[k], want[k], atol=1e-5), (hw, k, (got[k] - want[k]).abs().max())
+
+
+def _tiny_resnet():
+    """A detectron2 ResNet-18 (FrozenBN) with a stride-16 output "res4": a Backbone that is no ConvViT."""
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res4"]
+    return build_resnet_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_sfp_takes_vitdet_arguments_on_any_backbone():
+    """ViTDet's signature on a detectron2 ResNet: levels and strides from the scale factors and
+    the in_feature's stride, p6 from the top block, the same function in both layouts."""
+    from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+    net = _tiny_resnet()
+    assert net.output_shape()["res4"].stride == 16
+    fpn = SimpleFeaturePyramid(net, "res4", 32, (4.0, 2.0, 1.0, 0.5), LastLevelMaxPool(), "LN", 0)
+    assert fpn.channels_last
+    out = fpn(torch.randn(2, 3, 64, 96))
+    assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
+    for k, spec in fpn.output_shape().items():
+        assert out[k].shape == (2, 32, -(-64 // spec.stride), -(-96 // spec.stride)), k
+    nchw = SimpleFeaturePyramid(_tiny_resnet(), "res4", 32, (4.0, 2.0, 1.0, 0.5), LastLevelMaxPool(), channels_last=False)
+    assert_same_function(randomize_(fpn), nchw, torch.randn(2, 3, 64, 96, requires_grad=True), atol=1e-4)
+    # without a top block there is no p6, and the last scale sets the size divisibility
+    plain = SimpleFeaturePyramid(_tiny_resnet(), "res4", 16, (2.0, 1.0))
+    assert list(plain.output_shape()) == ["p3", "p4"] and plain.size_divisibility == 16
+
+
+def test_sfp_norms_and_argument_errors():
+    net = _tiny_resnet()
+    # "": no norm, biased convs (ViTDet); the deconv's norm slot stays, as an Identity
+    bare = SimpleFeaturePyramid(net, "res4", 16, (4.0,), norm="")
+    assert isinstance(bare.simfp_2[1], torch.nn.Identity) and bare.simfp_2[4].bias is not None
+    assert bare.simfp_2[4].norm is None and bare.channels_last
+    # another detectron2 norm builds NCHW stages; asking for B H W C with it is an error
+    bn = SimpleFeaturePyramid(net, "res4", 16, (1.0,), norm="BN")
+    assert not bn.channels_last and isinstance(bn.simfp_4[0].norm, torch.nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="takes norm 'LN' or ''"):
+        SimpleFeaturePyramid(net, "res4", 16, (1.0,), norm="BN", channels_last=True)
+    with pytest.raises(ValueError, match="'res5' is not an output of the net: it has \\['res4'\\]"):
+        SimpleFeaturePyramid(net, "res5", 16, (1.0,))
+    with pytest.raises(ValueError, match="twice the one before"):
+        SimpleFeaturePyramid(net, "res4", 16, (4.0, 1.0))
+    with pytest.raises(TypeError, match="output_shape"):
+        SimpleFeaturePyramid(torch.nn.Conv2d(3, 8, 16, 16), "x", 16, (1.0,))

@@ -66,7 +66,7 @@ def test_subset_dataset_is_registered_on_use(shapes, monkeypatch):
 def test_seed_grid_runs_each_cell_once_and_tabulates_mean_and_std(tmp_path, monkeypatch):
     calls = []
 
-    def fake_train_net(cmd, stdout, stderr, cwd):
+    def fake_train_net(cmd, stdout, stderr, env):
         out = cmd[cmd.index("OUTPUT_DIR") + 1]
         seed = int(cmd[cmd.index("SEED") + 1])
         n = int(cmd[cmd.index("DATASETS.TRAIN") + 1].split("_")[-1].split('"')[0])

@@ -7,6 +7,7 @@ a subprocess for DDP; nothing here puts tools/ on sys.path.
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import types
@@ -158,13 +159,39 @@ def full_run(pretrain, tmp_path_factory):
     return out, pretrain(out, "--steps", "6", "--checkpoint-every", "3")
 
 
-def test_pretrain_writes_checkpoint_grid_and_args(full_run):
+def test_pretrain_writes_checkpoints_grid_args_and_log(full_run):
     out, rows = full_run
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["step"] == 6 and "patch_embed1.proj.weight" in ckpt["model"] and "decoder_pred.weight" in ckpt["model"]
+    assert [torch.load(out / f"checkpoint-{s}.pth", weights_only=True)["step"] for s in (3, 6)] == [3, 6]
     assert (out / "vis" / "step_000003.png").is_file() and (out / "vis" / "step_000006.png").is_file()
     assert json.loads((out / "args.json").read_text())["accum_iter"] == 1
+    log = (out / "log.txt").read_text()  # detectron2's format, through convmae_det.utils.logger
+    assert ".pretrain INFO: 24 images, 1 process(es)" in log and "step 6/6 epoch" in log
+    assert f"saved {out / 'checkpoint-6.pth'}" in log
+
+
+def test_keep_last_prunes_only_older_numbered_checkpoints(pretrain, tmp_path):
+    out = tmp_path / "k"
+    out.mkdir()
+    (out / "checkpoint-best.pth").write_bytes(b"mine")  # not of the checkpoint-STEP.pth pattern
+    pretrain(out, "--steps", "6", "--checkpoint-every", "1", "--keep-last", "2", "--stop-at", "4")
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == [
+        "checkpoint-3.pth", "checkpoint-4.pth", "checkpoint-best.pth", "checkpoint.pth"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 4
+    assert torch.load(out / "checkpoint-3.pth", weights_only=True)["step"] == 3
+    # a later step's file (left by an earlier, longer run) is not this run's to prune
+    shutil.copy(out / "checkpoint-4.pth", out / "checkpoint-99.pth")
+    pretrain(out, "--steps", "6", "--checkpoint-every", "1", "--keep-last", "2", "--resume")
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == [
+        "checkpoint-5.pth", "checkpoint-6.pth", "checkpoint-99.pth", "checkpoint-best.pth", "checkpoint.pth"]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 6
+    with pytest.raises(SystemExit, match="holds an earlier run .*checkpoint-5.pth"):
+        pretrain(out, "--steps", "2")
+    pretrain(out, "--steps", "2", "--checkpoint-every", "1", "--keep-last", "0", "--overwrite")  # 0 keeps all
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-best.pth", "checkpoint.pth"]
 
 
 def test_resume_continues_the_same_loss_curve(pretrain, full_run, tmp_path):
@@ -214,7 +241,9 @@ def test_ddp_under_torchrun_with_two_cpu_processes(image_folder, tmp_path):
            "--steps", "3", "--checkpoint-every", "3"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "2 process(es), batch 2 x 2 x accum 2 = 8" in r.stderr
+    assert "2 process(es), batch 2 x 2 x accum 2 = 8" in r.stdout  # rank 0's console log
+    assert "2 process(es), batch 2 x 2 x accum 2 = 8" in (out / "log.txt").read_text()
+    assert (out / "log.txt.rank1").is_file()
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3

@@ -40,12 +40,46 @@ def official_wd(name: str) -> float:
     return 0.0 if TORCH_NORMS.fullmatch(name) or name.endswith("pos_embed") else OFFICIAL_WD
 
 
-def test_base_coco_optimizer_matches_official_rule_per_parameter():
+@pytest.fixture(scope="module")
+def base_optimizer():
+    """The Base COCO config's model and optimizer: (cfg, named parameters, group of each)."""
     cfg = setup_cfg(BASE, ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
-    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
-    named = dict(model.named_parameters())
+    return cfg, dict(model.named_parameters()), model, {id(p): g for g in opt.param_groups for p in g["params"]}
+
+
+# The lr multipliers of the official get_vit_lr_decay_rate for ConvMAE-B (reference section 4:
+# decay 0.8 over its 11 stage-3 blocks; patch embeddings and stages 1-2 at layer 0, blocks3.i at
+# i + 1, everything else, pos_embed included, at 12 = undecayed): 0.8 ** (12 - layer).
+OFFICIAL_LR_SCALE = {
+    "backbone.net.pos_embed": 1.0,
+    "backbone.net.patch_embed1.proj.weight": 0.8**12,
+    "backbone.net.patch_embed3.norm.bias": 0.8**12,
+    "backbone.net.patch_embed4.weight": 0.8**12,
+    "backbone.net.blocks1.0.conv1.weight": 0.8**12,
+    "backbone.net.blocks2.1.mlp.fc2.weight": 0.8**12,
+    "backbone.net.blocks3.0.attn.qkv.weight": 0.8**11,
+    "backbone.net.blocks3.1.attn.rel_pos_h": 0.8**10,
+    "backbone.net.blocks3.5.norm1.weight": 0.8**6,
+    "backbone.net.blocks3.10.mlp.fc2.bias": 0.8**1,
+    "backbone.simfp_2.0.weight": 1.0,
+    "backbone.simfp_5.2.norm.weight": 1.0,
+    "proposal_generator.rpn_head.objectness_logits.weight": 1.0,
+    "roi_heads.box_predictor.cls_score.weight": 1.0,
+    "roi_heads.mask_head.predictor.weight": 1.0,
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_LR_SCALE))
+def test_base_layer_decay_table(base_optimizer, name):
+    cfg, named, _, by_param = base_optimizer
+    assert cfg.SOLVER.LAYER_DECAY == 0.8 and cfg.SOLVER.BASE_LR == 1e-4
+    assert by_param[id(named[name])]["lr"] == pytest.approx(1e-4 * OFFICIAL_LR_SCALE[name], rel=1e-9)
+
+
+def test_base_coco_optimizer_matches_official_rule_per_parameter(base_optimizer):
+    cfg, named, model, by_param = base_optimizer
     assert len(by_param) == len(named), "every parameter must be in exactly one optimizer group"
     mismatches = []
     for name, p in named.items():

@@ -59,6 +59,8 @@ def test_train_resume_and_evaluate(dataset, tmp_path):
     assert (out / "model_final.pth").is_file() and (out / "last_checkpoint").read_text() == "model_final.pth"
     assert_box_and_mask_ap(log)
     assert len(list((out / "vis").glob("*.png"))) == 2
+    text = (out / "log.txt").read_text()  # detectron2's log and convmae_det's, in one file
+    assert "Starting training from iteration 0" in text and f"wrote 2 prediction images of t_val to {out / 'vis'}" in text
 
     log = run_train_net(dataset, out, "--resume", opts=["SOLVER.MAX_ITER", "5", "SOLVER.CHECKPOINT_PERIOD", "2"])
     assert "Starting training from iteration 3" in log, log[-2000:]
@@ -84,3 +86,39 @@ def test_checkpoint_max_to_keep_bounds_periodic_checkpoints_across_resume(datase
     assert "Starting training from iteration 4" in log
     assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000004.pth", "model_0000005.pth", "model_final.pth"]
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
+
+
+TINY_LAZY = os.path.splitext(TINY)[0] + ".py"
+
+
+def run_lazy_train_net(dataset, out, *extra, opts=()):
+    """tools/train_net.py on the LazyConfig twin of the tiny config: key=value overrides."""
+    cmd = [
+        sys.executable, tool("train_net.py"), "--config-file", TINY_LAZY,
+        "--register", "t_train", dataset["train"], os.path.join(dataset["root"], "train"),
+        "--register", "t_val", dataset["val"], os.path.join(dataset["root"], "val"),
+        *extra,
+        "dataloader.train.dataset.names=t_train", "dataloader.test.dataset.names=t_val", f"train.output_dir={out}",
+        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0", "train.vis.num_images=2",
+        "model.roi_heads.box_predictor.test_score_thresh=0.0", *opts,  # EVERY_BOX
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_lazy_config_trains_resumes_and_evaluates(dataset, tmp_path):
+    out = tmp_path / "run"
+    log = run_lazy_train_net(dataset, out, opts=["train.max_iter=20", "train.checkpointer.period=10"])
+    assert "Starting training from iteration 0" in log and "iter: 19" in log
+    assert sorted(p.name for p in out.glob("model_*.pth")) == ["model_0000009.pth", "model_0000019.pth", "model_final.pth"]
+    assert (out / "last_checkpoint").read_text() == "model_final.pth" and (out / "config.yaml").is_file()
+    assert_box_and_mask_ap(log)
+    assert len(list((out / "vis").glob("*.png"))) == 2
+
+    log = run_lazy_train_net(dataset, out, "--resume", opts=["train.max_iter=22"])
+    assert "Starting training from iteration 20" in log, log[-2000:]
+
+    log = run_lazy_train_net(dataset, out, "--eval-only", opts=[f"train.init_checkpoint={out / 'model_final.pth'}"])
+    assert_box_and_mask_ap(log)
+    assert "Starting training" not in log

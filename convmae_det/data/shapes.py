@@ -20,10 +20,12 @@ draws of the same distribution, never copies of train or val images.
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 SHAPE_CLASSES = ["circle", "triangle", "square", "star", "cross"]
+logger = logging.getLogger("convmae_det.data")
 FORMAT_VERSION = 4
 # semantic labels: 0 background, 1-5 the shape classes (category_id), 255 ignored
 SEM_SEG_CLASSES = ["background"] + SHAPE_CLASSES
@@ -262,6 +265,9 @@ def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force:
     spec = spec or ShapesSpec()
     root = os.path.abspath(root)
     if force or not shapes_dataset_ready(root, spec):
+        logger.info(f"writing the shapes dataset ({spec['num_train']} train, {spec['num_val']} val images of "
+                    f"{spec['image_size']} px) to {root} ...")
+        t0 = time.time()
         parent = os.path.dirname(root)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".shapes-", dir=parent)
@@ -292,6 +298,7 @@ def generate_shapes_dataset(root: str, spec: Optional[ShapesSpec] = None, force:
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+        logger.info(f"wrote the shapes dataset to {root} in {time.time() - t0:.0f} s")
     return {"train": _json_path(root, "train"), "val": _json_path(root, "val"), "root": root}
 
 
@@ -351,6 +358,8 @@ def generate_shapes_pool(root: str, num_images: int, spec: Optional[ShapesSpec] 
                     return pool
         except (OSError, ValueError):
             pass
+    logger.info(f"writing {num_images} unlabeled shapes images to {pool} ...")
+    t0 = time.time()
     os.makedirs(os.path.dirname(pool), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".pool-", dir=os.path.dirname(pool))
     try:
@@ -364,6 +373,7 @@ def generate_shapes_pool(root: str, num_images: int, spec: Optional[ShapesSpec] 
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"wrote the unlabeled pool to {pool} in {time.time() - t0:.0f} s")
     return pool
 
 

@@ -27,6 +27,7 @@ from ..config import add_convmae_config
 from ..data import build_train_mapper, prepare_builtin_datasets
 from ..data.mapper import is_sem_seg
 from ..evaluation import COCOEvaluator, resolve_coco_eval_backend
+from ..model_zoo import resolve_config_file
 from ..solver import build_lr_scheduler, build_optimizer
 from ..utils.compat import check_compiled_ops
 from ..utils.visualize import draw_predictions, draw_sem_seg
@@ -34,9 +35,11 @@ from ..utils.visualize import draw_predictions, draw_sem_seg
 __all__ = [
     "setup_cfg",
     "Trainer",
+    "adopt_periodic_checkpoints",
     "check_image_files",
     "check_sem_seg_datasets",
     "check_weights_fit",
+    "draw_prediction_images",
     "visualize_predictions",
 ]
 
@@ -46,18 +49,25 @@ logger = logging.getLogger("convmae_det")
 def setup_cfg(config_file: str = "", opts: List[str] = (), freeze: bool = True):
     """get_cfg + add_convmae_config + file + overrides, then checks that fail early and clearly.
 
+    ``config_file`` is a path, or the name of a packaged config
+    (:func:`convmae_det.model_zoo.resolve_config_file`); FileNotFoundError if it is neither.
     Unknown keys in the file or the overrides raise a ValueError naming the key.
     Without a GPU the model runs on the CPU, and AMP and MODEL.CONVMAE.COMPILE are turned off.
     """
     cfg = get_cfg()
     add_convmae_config(cfg)
     if config_file:
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"config file {config_file!r} does not exist")
+        config_file = resolve_config_file(config_file)
         try:
             cfg.merge_from_file(config_file)
         except KeyError as e:  # detectron2: "Non-existent config key: X"
             raise ValueError(f"config file {config_file}: {e.args[0]}") from None
+    lazy_form = [o for o in list(opts)[::2] if "=" in str(o)]
+    if lazy_form:
+        raise ValueError(
+            f"config override {lazy_form[0]!r}: a yacs (.yaml) config takes KEY VALUE pairs, e.g. SOLVER.MAX_ITER 100; "
+            "key=value overrides are for the LazyConfig (.py) configs"
+        )
     try:
         cfg.merge_from_list(list(opts))
     except (AssertionError, KeyError) as e:  # yacs asserts "Non-existent key: X" / odd length
@@ -138,7 +148,7 @@ def check_weights_fit(model, path: str) -> None:
         raise CheckpointError(
             f"MODEL.WEIGHTS {path} does not fit the backbone of this config ({len(bad)} tensors):\n"
             + "\n".join(bad[:10])
-            + "\nconvert it for this config with tools/convert_pretrain.py, or fix MODEL.CONVMAE"
+            + "\nconvert it for this config with convmae-convert (tools/convert_pretrain.py), or fix MODEL.CONVMAE"
         )
     if any(k.startswith("backbone.") for k in own) and not any(k in own for k in sd):
         raise CheckpointError(f"MODEL.WEIGHTS {path} shares no parameter name with the model (convert it first?)")
@@ -176,7 +186,7 @@ class Trainer(DefaultTrainer):
         for h in ret:
             if keep and isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = keep
-                h.recent_checkpoints = sorted(glob.glob(os.path.join(self.cfg.OUTPUT_DIR, "model_[0-9]*.pth")))
+                adopt_periodic_checkpoints(h, self.cfg.OUTPUT_DIR)
         return ret
 
     @classmethod
@@ -213,6 +223,12 @@ class Trainer(DefaultTrainer):
         return super().test(cfg, model, evaluators)
 
 
+def adopt_periodic_checkpoints(hook, output_dir: str) -> None:
+    """Count the periodic checkpoints already in ``output_dir`` (a resumed run) among those that
+    a PeriodicCheckpointer with ``max_to_keep`` removes when newer ones come."""
+    hook.recent_checkpoints = sorted(glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")))
+
+
 def check_image_files(dataset_dicts, names) -> None:
     """Fail before training or evaluation starts if images (or semantic label files) of a
     dataset are missing on disk."""
@@ -229,16 +245,25 @@ def check_image_files(dataset_dicts, names) -> None:
 @torch.no_grad()
 def visualize_predictions(cfg, model, dataset_name: str, num_images: int, output_dir: str, score_thresh: float = 0.5):
     """Draw predictions (left) beside ground truth (right) for the first ``num_images`` images
-    of a registered dataset with detectron2's Visualizer: instances above ``score_thresh``, or
-    per-pixel classes for a semantic segmentation model. Returns the PNG paths."""
-    os.makedirs(output_dir, exist_ok=True)
-    metadata = MetadataCatalog.get(dataset_name)
+    of a registered dataset with detectron2's Visualizer into ``output_dir``: instances above
+    ``score_thresh``, or per-pixel classes for a semantic segmentation model. Returns the PNG
+    paths (and logs where they are)."""
     dicts = DatasetCatalog.get(dataset_name)[:num_images]
     loader = build_detection_test_loader(cfg, dataset_name)
+    paths = draw_prediction_images(model, dicts, loader, MetadataCatalog.get(dataset_name), output_dir, score_thresh)
+    logger.info(f"wrote {len(paths)} prediction images of {dataset_name} to {output_dir}")
+    return paths
+
+
+@torch.no_grad()
+def draw_prediction_images(model, dataset_dicts, loader, metadata, output_dir: str, score_thresh: float = 0.5):
+    """Write one PNG per record of ``dataset_dicts``: the predictions on the batch that ``loader``
+    gives for it (left) beside its ground truth (right); returns the paths."""
+    os.makedirs(output_dir, exist_ok=True)
     was_training = model.training
     model.eval()
     paths = []
-    for d, inputs in zip(dicts, loader):
+    for d, inputs in zip(dataset_dicts, loader):
         img = utils.read_image(d["file_name"], format="RGB")
         out = model(inputs)[0]
         if "sem_seg" in out:

@@ -15,12 +15,15 @@ What the official code computes is :mod:`convmae_det.modeling.reference` (same p
 names); the tests hold this model equal to it, outputs and gradients.
 """
 import functools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from timm.layers import ConvMlp as TimmConvMlp
 from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .layers import (
     _cached,
@@ -34,6 +37,7 @@ from .runner import BlockRunner
 
 __all__ = [
     "CONVVIT_SIZES",
+    "GLOBAL_ATTN_INDEXES",
     "PatchEmbed",
     "ConvMlp",
     "ConvBlock",
@@ -56,6 +60,17 @@ CONVVIT_SIZES: Dict[str, dict] = {
     "small": dict(embed_dims=(128, 256, 384), depths=(2, 2, 11), num_heads=6),
     "base": dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12),
     "large": dict(embed_dims=(384, 768, 1024), depths=(2, 2, 23), num_heads=16),
+}
+
+# stage-3 blocks with global attention in detection, per size (the others attend in windows).
+# base: Official-ConvMAE-Det; small: the same (same depth); large: ViTDet-L's 5/11/17/23 moved
+# one block earlier, as Base's are against ViTDet-B's 2/5/8/11 (stage 3 has one block less
+# than the ViT; no official ConvMAE-L detection config); tiny: every other block
+GLOBAL_ATTN_INDEXES: Dict[str, Tuple[int, ...]] = {
+    "tiny": (1, 3),
+    "small": (1, 4, 7, 10),
+    "base": (1, 4, 7, 10),
+    "large": (4, 10, 16, 22),
 }
 
 
@@ -130,17 +145,16 @@ class PatchEmbed(nn.Module):
         return self.act(self.norm(patch_linear(self.proj, x)))
 
 
-class ConvMlp(nn.Module):
-    """MLP of two 1x1 convs (``fc1``, ``fc2``, conv-shaped weights) on (..., C) features."""
+class ConvMlp(TimmConvMlp):
+    """timm's ``ConvMlp`` (1x1 convs ``fc1``, ``fc2``, the official CBlock's MLP; GELU, no norm,
+    no dropout) applied to (..., C) features: each 1x1 conv is a matmul over the channels. The
+    reference runs timm's own forward on NCHW."""
 
     def __init__(self, dim: int, hidden_dim: int, act_layer: Callable[..., nn.Module] = nn.GELU):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        super().__init__(dim, hidden_dim, act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise(self.fc2, self.act(_pointwise(self.fc1, x)))
+        return _pointwise(self.fc2, self.drop(self.act(self.norm(_pointwise(self.fc1, x)))))
 
 
 class ConvBlock(nn.Module):
@@ -296,7 +310,11 @@ class Attention(nn.Module):
         zeros = _cached(_zero_rows)(pad, d, rh.device, rh.dtype)  # keeps the last window of P in bounds
         table = torch.cat([rh, rw, zeros])  # (2H-1 + 2W-1 + pad) x d
         P = torch.matmul(q, table.t().to(q.dtype)).view(B, nh, H, W, -1)
-        q2 = _RelativeShift.apply(q.reshape(B, nh, H, W, d), P, pad).view(B, nh, N, d + H + W + pad)
+        if torch.jit.is_tracing():  # a trace cannot save the custom autograd function
+            q2 = torch.cat([q.reshape(B, nh, H, W, d), *_rel_windows_gathered(P, pad)], dim=-1)
+        else:
+            q2 = _RelativeShift.apply(q.reshape(B, nh, H, W, d), P, pad)
+        q2 = q2.view(B, nh, N, d + H + W + pad)
         onehot = _cached(_grid_onehot)(H, W, pad, 1.0 / self.scale, q.device, q.dtype)
         onehot = onehot.expand(B, nh, N, H + W + pad)
         k2 = torch.cat([k, onehot], dim=-1)
@@ -322,6 +340,19 @@ def _rel_windows(P: torch.Tensor, pad: int, fresh: bool = False) -> Tuple[torch.
         rel_w = P.as_strided(size_w, stride_w, 2 * H - 1)
     else:
         rel_w = P[..., 2 * H - 1 :].as_strided(size_w, stride_w)
+    return rel_h, rel_w
+
+
+def _rel_windows_gathered(P: torch.Tensor, pad: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The windows of :func:`_rel_windows` as gathers (copies): what a ``torch.jit.trace``
+    records, and what TorchScript and ONNX can save (the strided views' custom backward cannot)."""
+    B, nh, H, W, K = P.shape
+    ih = torch.arange(H, device=P.device)[:, None, None]
+    iw = torch.arange(W, device=P.device)[None, :, None]
+    idx_h = ih + torch.arange(H, device=P.device)  # H 1 H: P[..., ih, iw, ih + t]
+    idx_w = 2 * H - 1 + iw + torch.arange(W + pad, device=P.device)  # 1 W (W + pad)
+    rel_h = P.gather(-1, idx_h.expand(H, W, H).expand(B, nh, H, W, H))
+    rel_w = P.gather(-1, idx_w.expand(H, W, W + pad).expand(B, nh, H, W, W + pad))
     return rel_h, rel_w
 
 
@@ -399,7 +430,8 @@ class ConvViTBase(nn.Module):
     :class:`~convmae_det.modeling.reference.ReferenceConvViT` the official one.
 
     Outputs: a dict of NCHW features ``{"s4", "s8", "s16", "s32"}`` restricted to
-    ``out_features``; ``s32`` is a 2x2 max pool of ``s16``.
+    ``out_features``; ``s32`` is a 2x2 max pool of ``s16``. timm's feature interface
+    (:attr:`feature_info`, :meth:`forward_intermediates`) gives the same four maps as a list.
     """
 
     patch_embed_cls: type = None
@@ -463,7 +495,7 @@ class ConvViTBase(nn.Module):
         self.pos_embed = nn.Parameter(
             get_2d_sincos_pos_embed(d3, grid).unsqueeze(0), requires_grad=pos_embed_trainable
         )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: also under a meta device
         self.blocks1 = nn.ModuleList(
             [self.conv_block_cls(d1, mlp_ratio, dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0])]
         )
@@ -487,6 +519,13 @@ class ConvViTBase(nn.Module):
                 for i in range(depths[2])
             ]
         )
+        # timm's feature metadata (FeatureInfo): the four maps of forward_intermediates
+        self.feature_info = [
+            dict(num_chs=d1, reduction=4, module="blocks1"),
+            dict(num_chs=d2, reduction=8, module="blocks2"),
+            dict(num_chs=d3, reduction=16, module="blocks3"),
+            dict(num_chs=d3, reduction=32, module="blocks3"),  # a 2x2 max pool of blocks3's output
+        ]
         self.apply(self._init_weights)
 
     @staticmethod
@@ -508,18 +547,56 @@ class ConvViTBase(nn.Module):
     def out_feature_strides(self) -> Dict[str, int]:
         return {"s4": 4, "s8": 8, "s16": 16, "s32": 32}
 
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        """Channels and stride of each output of ``out_features``, as a detectron2 ``Backbone``
+        reports them (what :class:`~convmae_det.modeling.pyramid.SimpleFeaturePyramid` reads)."""
+        ch, st = self.out_feature_channels, self.out_feature_strides
+        return {f: ShapeSpec(channels=ch[f], stride=st[f]) for f in self._out_features}
+
     @staticmethod
     def _check_input(x: torch.Tensor) -> None:
         H, W = x.shape[-2:]
         if H % 16 or W % 16:
             raise ValueError(f"ConvViT input {H}x{W}: height and width must be multiples of 16")
 
-    def _outputs(self, s4: torch.Tensor, s8: torch.Tensor, s16: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The NCHW outputs named by ``out_features``."""
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """The three stages' NCHW outputs (s4, s8, s16) of B 3 H W images; with ``conv_only``
+        stage 3 is skipped and s16 is None. Defined by the subclass."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward_stages")
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The NCHW outputs named by ``out_features``; ``s32`` is a 2x2 max pool of ``s16``."""
+        s4, s8, s16 = self.forward_stages(x)
         outs = {"s4": s4, "s8": s8, "s16": s16}
         if "s32" in self._out_features:
             outs["s32"] = F.max_pool2d(s16, kernel_size=2, stride=2)
         return {k: outs[k] for k in self._out_features}
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's feature interface (``features_only=True`` calls it): the NCHW maps of
+        :attr:`feature_info` picked by ``indices`` (0-3 = strides 4, 8, 16, 32; an int n takes
+        the last n, None all), whatever ``out_features`` is. Returns the list, or (the stride-16
+        map, the list) unless ``intermediates_only``. ``stop_early`` with ``intermediates_only``
+        skips stage 3 when only strides 4 and 8 are taken. There is no final norm to apply."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"ConvViT features are NCHW, got output_fmt {output_fmt!r}")
+        if norm:
+            raise ValueError("the ConvViT encoder has no final norm: forward_intermediates takes norm=False")
+        take, max_index = feature_take_indices(len(self.feature_info), indices)
+        s4, s8, s16 = self.forward_stages(x, conv_only=stop_early and intermediates_only and max_index < 2)
+        maps = [s4, s8, s16, F.max_pool2d(s16, kernel_size=2, stride=2) if 3 in take else None]
+        feats = [maps[i] for i in take]
+        return feats if intermediates_only else (s16, feats)
 
 
 class ConvViT(ConvViTBase):
@@ -572,10 +649,14 @@ class ConvViT(ConvViTBase):
         s8 = x
         return s4, s8, self.patch_embed4(self.patch_embed3(x))
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         s4, s8, x = self.forward_conv_stages(x)
+        s4, s8 = s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2)  # B H W C -> B C H W views
+        if conv_only:
+            return s4, s8, None
         x = x + resample_abs_pos(self.pos_embed, x.shape[1:3], separable=True)
         for blk in self.blocks3:
             x = self.runner(blk.forward, x)
-        # B H W C -> B C H W views
-        return self._outputs(s4.permute(0, 3, 1, 2), s8.permute(0, 3, 1, 2), x.permute(0, 3, 1, 2))
+        return s4, s8, x.permute(0, 3, 1, 2)

@@ -1,36 +1,41 @@
 """Detectron2 backbones: a ConvViT encoder under a simple feature pyramid.
 
-* :class:`SimpleFeaturePyramid` is ViTDet's pyramid built from the stride-16 output alone
-  (deconvolutions up, max pool down). Its parameters are named ``simfp_{2,3,4,5}`` like the
+* :class:`SimpleFeaturePyramid` is ViTDet's pyramid, with ViTDet's signature, built from one
+  output of any backbone with ``output_shape()`` (deconvolutions up, max pool down); for the
+  ConvViT that is the stride-16 output. Its parameters are named ``simfp_{2,3,4,5}`` like the
   official ConvMAE detection checkpoints, and the encoder sits under ``net``.
 * :class:`MultiScaleSimpleFeaturePyramid` takes p2 and p3 from the conv stages' own stride-4
   and stride-8 features instead of deconvolving the stride-16 output, and p5 from a max pool.
 
-Both emit p2-p6 (p6 = LastLevelMaxPool of p5) with ``out_channels`` channels and channel
-LayerNorm. With ``square_pad`` > 0 the input is zero-padded at the bottom and right to a square
-of that size, as ViTDet pads every image to 1024x1024 for the COCO recipe.
+The builders make both emit p2-p6 (p6 = LastLevelMaxPool of p5) with ``out_channels`` channels
+and channel LayerNorm. With ``square_pad`` > 0 the input is zero-padded at the bottom and right
+to a square of that size, as ViTDet pads every image to 1024x1024 for the COCO recipe.
 
 Layout: with ``channels_last=True`` (the default) the pyramid's stages are built from small
 modules that take B H W C (:class:`Deconv2x2`, :class:`ConvNHWC`, channel LayerNorms without
 permutes), fed with the B H W C memory behind the encoder's NCHW outputs; with
 ``channels_last=False`` they are plain ``nn.Sequential`` NCHW stages of torch and detectron2
-layers, as in the official model (the reference). Both have the same parameter names.
+layers, as in the official model (the reference). Both have the same parameter names. The
+B H W C layers take the channel LayerNorm ("LN") or no norm (""); another detectron2 norm
+("BN", "GN", ...) builds NCHW stages.
 """
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.layers import Conv2d, ShapeSpec
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from .convvit import ConvViTBase
 from .layers import D2LayerNorm
+
+NormSpec = Union[str, Callable[[int], nn.Module]]
 
 __all__ = [
     "SimpleFeaturePyramid",
+    "last_level_max_pool",
     "MultiScaleSimpleFeaturePyramid",
     "pad_to_square",
     "Deconv2x2",
@@ -40,13 +45,22 @@ __all__ = [
 
 
 def pad_to_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad B C H W at the bottom and right to size x size; error if the input is larger."""
+    """Zero-pad B C H W at the bottom and right to size x size; error if the input is larger.
+
+    Pads even an input that is already square (a zero-size pad, which returns a copy): a
+    ``torch.jit.trace`` then records the pad from the input's size, and the trace serves every
+    input size, where an early return would bake the sample's size into it."""
     H, W = x.shape[-2:]
     if H > size or W > size:
         raise ValueError(f"input {H}x{W} is larger than the square padding size {size}")
-    if (H, W) == (size, size):
-        return x
     return F.pad(x, (0, size - W, 0, size - H))
+
+
+def last_level_max_pool(in_feature: str = "p5") -> LastLevelMaxPool:
+    """detectron2's p6 block (a stride-2 max pool) reading the pyramid level ``in_feature``."""
+    block = LastLevelMaxPool()
+    block.in_feature = in_feature
+    return block
 
 
 class Deconv2x2(nn.ConvTranspose2d):
@@ -97,44 +111,58 @@ class MaxPool2x2NHWC(nn.Module):
 
 class _Layers:
     """The pyramid's layer kinds in one layout: B H W C (``channels_last``) or NCHW, the plain
-    torch and detectron2 layers of the official model. Same parameter names either way."""
+    torch and detectron2 layers of the official model. Same parameter names either way.
 
-    def __init__(self, channels_last: bool, norm_eps: float):
-        self.channels_last, self.eps = channels_last, norm_eps
+    ``norm`` as ViTDet's: "LN" (channel LayerNorm, eps ``norm_eps``), "" (none; the convs then
+    have a bias) or, NCHW only, any other ``detectron2.layers.get_norm`` name or factory."""
+
+    def __init__(self, channels_last: bool, norm_eps: float, norm: NormSpec = "LN"):
+        if channels_last and norm not in ("LN", ""):
+            raise ValueError(f"the channels-last pyramid takes norm 'LN' or '', got {norm!r}: use channels_last=False")
+        self.channels_last, self.eps, self.norm_kind = channels_last, norm_eps, norm
 
     def deconv(self, cin: int, cout: int) -> nn.Module:
         return Deconv2x2(cin, cout) if self.channels_last else nn.ConvTranspose2d(cin, cout, 2, stride=2)
 
     def norm(self, channels: int) -> nn.Module:
-        return D2LayerNorm(channels, eps=self.eps, channels_last=self.channels_last)
+        """The norm after a deconvolution (an ``nn.Identity`` for "": the indices stay)."""
+        return self._norm(channels) or nn.Identity()
+
+    def _norm(self, channels: int) -> Optional[nn.Module]:
+        if self.norm_kind == "LN":
+            return D2LayerNorm(channels, eps=self.eps, channels_last=self.channels_last)
+        return get_norm(self.norm_kind, channels)  # None for ""
 
     def conv(self, cin: int, cout: int, kernel: int) -> nn.Module:
         cls = ConvNHWC if self.channels_last else Conv2d
-        return cls(cin, cout, kernel, padding=kernel // 2, bias=False, norm=self.norm(cout))
+        return cls(cin, cout, kernel, padding=kernel // 2, bias=self.norm_kind == "", norm=self._norm(cout))
 
     def pool(self) -> nn.Module:
         return MaxPool2x2NHWC() if self.channels_last else nn.MaxPool2d(2, 2)
 
     def out_convs(self, in_dim: int, out_channels: int) -> List[nn.Module]:
-        """1x1 conv + LN, then 3x3 conv + LN, both without bias (ViTDet)."""
+        """1x1 conv + norm, then 3x3 conv + norm, without bias when normed (ViTDet)."""
         return [self.conv(in_dim, out_channels, 1), self.conv(out_channels, out_channels, 3)]
 
 
 class _PyramidBase(Backbone):
-    """Shared parts: square padding, input checks, the layout, p6 and the output specs."""
+    """Shared parts: square padding, input checks, the layout, the top block and the output specs."""
 
-    def __init__(self, net: ConvViTBase, out_channels: int, square_pad: int, strides: Sequence[int],
-                 channels_last: bool):
+    def __init__(self, net: nn.Module, out_channels: int, square_pad: int, strides: Sequence[int],
+                 channels_last: bool, top_block: Optional[nn.Module]):
         super().__init__()
         self.net = net
-        self.top_block = LastLevelMaxPool()
+        self.top_block = top_block
         self.square_pad = square_pad
         self.channels_last = channels_last
-        strides = list(strides) + [strides[-1] * 2]
-        self._out_features = [f"p{int(math.log2(s))}" for s in strides]
-        self._out_feature_strides = {f: s for f, s in zip(self._out_features, strides)}
+        self._out_feature_strides = {f"p{int(math.log2(s))}": s for s in strides}
+        if top_block is not None:  # its levels continue the pyramid (ViTDet)
+            stage = int(math.log2(strides[-1]))
+            for s in range(stage, stage + top_block.num_levels):
+                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
+        self._out_features = list(self._out_feature_strides)
         self._out_feature_channels = {f: out_channels for f in self._out_features}
-        self._size_divisibility = strides[-2]
+        self._size_divisibility = strides[-1]
 
     @property
     def size_divisibility(self) -> int:
@@ -161,8 +189,12 @@ class _PyramidBase(Backbone):
             return [stage(f) for stage, f in zip(stages, feats)]
         return [stage(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) for stage, f in zip(stages, feats)]
 
-    def _finish(self, results):
-        results.extend(self.top_block(results[-1]))
+    def _finish(self, results: List[torch.Tensor], bottom_up: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The pyramid's maps, then the top block's, from a backbone output or a pyramid level."""
+        if self.top_block is not None:
+            name = self.top_block.in_feature
+            top_in = bottom_up[name] if name in bottom_up else results[self._out_features.index(name)]
+            results = results + list(self.top_block(top_in))
         return dict(zip(self._out_features, results))
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
@@ -172,23 +204,58 @@ class _PyramidBase(Backbone):
         }
 
 
+def _log2_strides(strides: Sequence[int], what: str) -> None:
+    for s in strides:
+        if s < 1 or 2 ** int(math.log2(s)) != s:
+            raise ValueError(f"{what} give the strides {list(strides)}: each must be a power of 2")
+    for a, b in zip(strides, strides[1:]):
+        if b != 2 * a:
+            raise ValueError(f"{what} give the strides {list(strides)}: each must be twice the one before")
+
+
 class SimpleFeaturePyramid(_PyramidBase):
-    """ViTDet's simple feature pyramid over the encoder's stride-16 output."""
+    """ViTDet's simple feature pyramid over one output of ``net``, with ViTDet's arguments.
+
+    ``net`` is any module with ``output_shape()`` (a detectron2 ``Backbone``, a ConvViT) whose
+    forward returns a dict of NCHW maps; ``in_feature`` names the one the pyramid is built from
+    ("s16" for a ConvViT). Each scale factor gives a level: 4 and 2 deconvolve, 1 keeps, 0.5
+    max-pools, each followed by a 1x1 and a 3x3 conv with ``norm``. ``top_block`` (e.g.
+    ``LastLevelMaxPool()`` for p6) extends the levels, as in detectron2's FPN.
+
+    Beyond ViTDet: the input is zero-padded to ``square_pad`` here (detectron2 0.6 does not pad
+    the ImageList for a backbone), ``norm_eps`` sets the LayerNorm's eps, and ``channels_last``
+    picks the layout (default: B H W C where ``norm`` allows, see the module docstring).
+    """
 
     def __init__(
         self,
-        net: ConvViTBase,
-        *,
-        out_channels: int = 256,
-        scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        net: nn.Module,
+        in_feature: str,
+        out_channels: int,
+        scale_factors: Sequence[float],
+        top_block: Optional[nn.Module] = None,
+        norm: NormSpec = "LN",
         square_pad: int = 0,
+        *,
         norm_eps: float = 1e-6,
-        channels_last: bool = True,
+        channels_last: Optional[bool] = None,
     ):
-        strides = [int(16 / s) for s in scale_factors]
-        super().__init__(net, out_channels, square_pad, strides, channels_last)
-        dim = net.embed_dims[2]
-        L = _Layers(channels_last, norm_eps)
+        if not callable(getattr(net, "output_shape", None)):
+            raise TypeError(f"net must have output_shape() (a detectron2 Backbone or a ConvViT), got {type(net).__name__}")
+        shapes = net.output_shape()
+        if not scale_factors:
+            raise ValueError("scale_factors is empty: give at least one of 4, 2, 1, 0.5")
+        if in_feature not in shapes:
+            raise ValueError(f"in_feature {in_feature!r} is not an output of the net: it has {sorted(shapes)}")
+        strides = [int(shapes[in_feature].stride / s) for s in scale_factors]
+        _log2_strides(strides, f"scale factors {list(scale_factors)} of a stride-{shapes[in_feature].stride} feature")
+        if channels_last is None:
+            channels_last = norm in ("LN", "")
+        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block)
+        self.in_feature = in_feature
+        self.scale_factors = tuple(scale_factors)
+        dim = shapes[in_feature].channels
+        L = _Layers(channels_last, norm_eps, norm)
         for scale, stride in zip(scale_factors, strides):
             if scale == 4.0:
                 layers = [L.deconv(dim, dim // 2), L.norm(dim // 2), nn.GELU(), L.deconv(dim // 2, dim // 4)]
@@ -206,8 +273,9 @@ class SimpleFeaturePyramid(_PyramidBase):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
-        feat = self.net(x)["s16"]
-        return self._finish(self._run_stages(self._stages, [feat] * len(self._stages)))
+        feats = self.net(x)
+        feat = feats[self.in_feature]
+        return self._finish(self._run_stages(self._stages, [feat] * len(self._stages)), feats)
 
 
 class MultiScaleSimpleFeaturePyramid(_PyramidBase):
@@ -221,7 +289,7 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
 
     def __init__(
         self,
-        net: ConvViTBase,
+        net: nn.Module,
         *,
         out_channels: int = 256,
         square_pad: int = 0,
@@ -233,20 +301,21 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
         idx = [self.LEVELS.index(f) if f in self.LEVELS else -1 for f in in_features]
         if not in_features or -1 in idx or idx != list(range(idx[0], idx[0] + len(idx))):
             raise ValueError(f"in_features must be a contiguous run of {list(self.LEVELS)}, got {in_features}")
-        strides = [net.out_feature_strides[f] for f in in_features]
-        super().__init__(net, out_channels, square_pad, strides, channels_last)
-        missing = set(in_features) - set(net._out_features)
+        shapes = net.output_shape()
+        missing = [f for f in in_features if f not in shapes]
         if missing:
-            raise ValueError(f"the encoder does not output {sorted(missing)}; build it with out_features={in_features}")
-        channels = net.out_feature_channels
+            raise ValueError(f"the encoder does not output {missing}; build it with out_features={in_features}")
+        strides = [shapes[f].stride for f in in_features]
+        top_block = last_level_max_pool(f"p{int(math.log2(strides[-1]))}")  # p6 after p5, or after the last level
+        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block)
         self._in_features = in_features
         L = _Layers(channels_last, norm_eps)
         for name, stride in zip(in_features, strides):
-            stage = nn.Sequential(*L.out_convs(channels[name], out_channels))
+            stage = nn.Sequential(*L.out_convs(shapes[name].channels, out_channels))
             self.add_module(f"simfp_{int(math.log2(stride))}", stage)
         self._stages = [getattr(self, f"simfp_{int(math.log2(s))}") for s in strides]
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
         feats = self.net(x)
-        return self._finish(self._run_stages(self._stages, [feats[name] for name in self._in_features]))
+        return self._finish(self._run_stages(self._stages, [feats[name] for name in self._in_features]), feats)

@@ -21,14 +21,14 @@ checkpoints load into either.
 (The pyramid's reference is :class:`~convmae_det.modeling.pyramid.SimpleFeaturePyramid` with
 ``channels_last=False``: plain ``nn.Sequential`` stages of torch and detectron2 layers.)
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, Mlp
+from timm.layers import ConvMlp, DropPath, Mlp
 
-from .convvit import ConvMlp, ConvViTBase
+from .convvit import ConvViTBase
 from .layers import LayerNorm2d, decomposed_rel_pos, resample_abs_pos, window_partition, window_unpartition
 from .mae import MAEMixin
 from .masking import grid_of, upsample_mask
@@ -56,13 +56,6 @@ class ReferencePatchEmbed(nn.Module):
         return self.act(self.norm(self.proj(x)))
 
 
-class _ReferenceConvMlp(ConvMlp):
-    """The same parameters as :class:`~convmae_det.modeling.convvit.ConvMlp`, on NCHW."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class ReferenceConvBlock(nn.Module):
     """Official ``CBlock``, NCHW; ``mask`` (B 1 H W, 1 = visible) multiplies the depthwise conv's
     input (masked convolution)."""
@@ -75,7 +68,7 @@ class ReferenceConvBlock(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm2d(dim, eps=norm_eps)
-        self.mlp = _ReferenceConvMlp(dim, int(dim * mlp_ratio))
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)  # timm's, NCHW
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = self.conv1(self.norm1(x))
@@ -186,10 +179,14 @@ class ReferenceConvViT(ConvViTBase):
         s8 = self._run(self.blocks2, self.patch_embed2(s4), *([m8] if m8 is not None else []))
         return s4, s8, self.patch_embed4(self.patch_embed3(s8).permute(0, 2, 3, 1))
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward_stages(
+        self, x: torch.Tensor, conv_only: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         s4, s8, x = self.forward_conv_stages(x)
+        if conv_only:
+            return s4, s8, None
         x = self._run(self.blocks3, x + resample_abs_pos(self.pos_embed, x.shape[1:3]))
-        return self._outputs(s4, s8, x.permute(0, 3, 1, 2).contiguous())
+        return s4, s8, x.permute(0, 3, 1, 2).contiguous()
 
 
 class ReferenceConvMAE(MAEMixin, ReferenceConvViT):

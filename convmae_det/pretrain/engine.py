@@ -1,4 +1,5 @@
-"""The ConvMAE pretraining run: everything of ``tools/pretrain.py`` but its command line.
+"""The ConvMAE pretraining run: everything of ``convmae-pretrain`` (convmae_det/cli/pretrain.py)
+but its command line.
 
 As upstream ConvMAE splits ``main_pretrain.py`` from ``engine_pretrain.py``, the tool keeps the
 arguments, the process set-up and the logging, and calls:
@@ -7,7 +8,7 @@ arguments, the process set-up and the logging, and calls:
   (:func:`train_transform`) and schedule from the tool's options, resumed from a checkpoint
   when asked (:func:`resume`);
 - :func:`train`: the steps, yielding (step, loss, lr, images) after each; it checkpoints
-  (:func:`save_checkpoint`) and draws a :func:`reconstruction_grid` every ``checkpoint_every``
+  (:func:`save_checkpoints`) and draws a :func:`reconstruction_grid` every ``checkpoint_every``
   steps, at the end and at ``stop_at``;
 - :func:`train_step`: one optimizer step over the micro-batches of gradient accumulation;
 - :func:`prepare_output` and :func:`trim_log`: what an OUTPUT folder may hold.
@@ -24,18 +25,20 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torchvision.transforms as T
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
+from torchvision.utils import save_image
 
 from ..modeling.masking import grid_of, patch_mean_std, patchify, unpatchify
-from ..utils.fileio import atomic_write
+from ..utils.fileio import atomic_link, atomic_write
 from . import convmae_pretrain
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images
 
@@ -55,11 +58,14 @@ __all__ = [
     "trim_log",
     "resume",
     "save_checkpoint",
+    "save_checkpoints",
+    "numbered_checkpoints",
     "reconstruction_grid",
 ]
 
 logger = logging.getLogger("convmae_det.pretrain")
-RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")
+RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")  # with checkpoint-STEP.pth: an earlier run's
+NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
 
 
 class PretrainError(SystemExit):
@@ -111,24 +117,28 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(param_groups_weight_decay(model, weight_decay), lr=lr, betas=(0.9, 0.95))
 
 
-def prepare_output(output: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A new run refuses an OUTPUT holding an earlier run's files unless ``overwrite`` removes
-    them (on rank 0): appending a second run's log to the first one's would mix two runs."""
+def prepare_output(output: str, resume: bool, overwrite: bool, rank: int = 0) -> List[str]:
+    """A new run refuses an OUTPUT holding an earlier run's files (checkpoints, log.jsonl, tb)
+    unless ``overwrite`` removes them, and its text log: appending a second run's log to the first
+    one's would mix two runs. Rank 0 removes all but the other ranks' text logs (log.txt.rankN),
+    which each rank removes itself. Returns the names removed (call before the log is set up)."""
     if resume:
-        return
+        return []
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
+    found += [os.path.basename(p) for _, p in numbered_checkpoints(output)]
     if not found:
-        return
+        return []
     if not overwrite:
         raise PretrainError(
             f"{output} holds an earlier run ({', '.join(found)}): pass --resume to continue it, "
             "--overwrite to start over in it, or another --output"
         )
-    if rank == 0:
-        for f in found:
-            path = os.path.join(output, f)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        logger.info(f"--overwrite: removed {', '.join(found)} from {output}")
+    mine = found if rank == 0 else []
+    mine += [f for f in ("log.txt" if rank == 0 else f"log.txt.rank{rank}",) if os.path.exists(os.path.join(output, f))]
+    for f in mine:
+        path = os.path.join(output, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return mine
 
 
 def trim_log(path: str, step: int) -> None:
@@ -154,6 +164,33 @@ def save_checkpoint(path: str, model: nn.Module, optimizer, scaler, step: int, a
     }
     with atomic_write(path, "wb") as f:
         torch.save(state, f)
+
+
+def numbered_checkpoints(output: str) -> List[Tuple[int, str]]:
+    """(step, path) of the ``checkpoint-STEP.pth`` files in ``output``, by step."""
+    if not os.path.isdir(output):
+        return []
+    found = ((NUMBERED.fullmatch(f), f) for f in os.listdir(output))
+    return sorted((int(m.group(1)), os.path.join(output, f)) for m, f in found if m)
+
+
+def save_checkpoints(output: str, model: nn.Module, optimizer, scaler, step: int, args: dict, keep_last: int = 0) -> str:
+    """Write ``output/checkpoint-{step}.pth`` (:func:`save_checkpoint`), make
+    ``output/checkpoint.pth`` (what ``--resume`` reads) the same file, both atomically, and
+    delete the numbered checkpoints of earlier steps beyond the newest ``keep_last`` (0 keeps
+    all). Only ``checkpoint-STEP.pth`` files of steps up to ``step`` are deleted: never
+    checkpoint.pth, nor those of later steps (left by a run that was resumed from an earlier
+    checkpoint; this run overwrites them when it gets there). Returns the numbered path."""
+    numbered = os.path.join(output, f"checkpoint-{step}.pth")
+    save_checkpoint(numbered, model, optimizer, scaler, step, args)
+    atomic_link(numbered, os.path.join(output, "checkpoint.pth"))
+    if keep_last:
+        older = [p for s, p in numbered_checkpoints(output) if s <= step][:-keep_last]
+        for p in older:
+            os.remove(p)
+        if older:
+            logger.info(f"removed {', '.join(os.path.basename(p) for p in older)} (--keep-last {keep_last})")
+    return numbered
 
 
 def resume(path: str, model: nn.Module, optimizer=None, scaler=None) -> int:
@@ -203,7 +240,7 @@ class Run:
 
 
 def build_run(opts, device: torch.device, rank: int = 0, world: int = 1) -> Run:
-    """Everything a run needs, from the options of ``tools/pretrain.py`` (its argparse namespace,
+    """Everything a run needs, from the options of ``convmae-pretrain`` (its argparse namespace,
     or a dict of the same keys; see its ``--help``): the accumulation from ``effective_batch``
     (written back to ``run.opts.accum_iter``), the schedule in steps, the model
     (``convmae_pretrain``; the reference with ``dense_conv_stages``) with the same initial
@@ -317,12 +354,12 @@ def train_step(
 def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
     """The steps of ``run`` from its start to ``total`` (or ``stop_at``), yielding (step, loss,
     lr, images of this process) after each. On rank 0, after the yield, every
-    ``checkpoint_every`` steps, at the end and at ``stop_at``: OUTPUT/checkpoint.pth and
+    ``checkpoint_every`` steps, at the end and at ``stop_at``: OUTPUT/checkpoint-STEP.pth and
+    OUTPUT/checkpoint.pth (:func:`save_checkpoints`, keeping ``keep_last``) and
     OUTPUT/vis/step_XXXXXX.png."""
     o = run.opts
     run.model.train()
     batches = (b.to(run.device, non_blocking=True) for b in run.loader)
-    ckpt = os.path.join(o.output, "checkpoint.pth")
     for step in range(run.start_step, run.total):
         lr = lr_at_step(step, run.total, run.warmup, run.lr, o.min_lr)
         loss, images = train_step(
@@ -333,9 +370,9 @@ def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
         done = step + 1
         stop = o.stop_at is not None and done >= o.stop_at
         if run.rank == 0 and (done % o.checkpoint_every == 0 or done == run.total or stop):
-            save_checkpoint(ckpt, run.raw_model, run.optimizer, run.scaler, done, vars(o))
+            ckpt = save_checkpoints(o.output, run.raw_model, run.optimizer, run.scaler, done, vars(o), o.keep_last)
             vis = os.path.join(o.output, "vis", f"step_{done:06d}.png")
-            logger.info(f"saved {ckpt} and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
+            logger.info(f"saved {ckpt} (and checkpoint.pth) and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
         if stop:
             logger.info(f"stopping after step {done} (--stop-at); continue with --resume")
             return
@@ -347,8 +384,6 @@ def reconstruction_grid(model: nn.Module, dataset, mask_ratio: float, path: str,
     pasted back); the model draws the masks (``seed``). Predictions of a norm_pix_loss model are
     de-normalised with each patch's own mean and std (:func:`patch_mean_std`), as in the MAE
     visualisation. Returns ``path``."""
-    from PIL import Image
-
     was_training = model.training
     model.eval()
     imgs = torch.stack([dataset[i] for i in range(len(dataset))]).to(device).float()
@@ -362,10 +397,9 @@ def reconstruction_grid(model: nn.Module, dataset, mask_ratio: float, path: str,
     recon = unpatchify(target * (1 - m) + pred * m, grid)
     mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
-    rows = [(t * std + mean).clamp(0, 1) for t in (imgs, masked, recon)]
-    # rows of B 3 H W -> one (3H) x (B W) image
-    canvas = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
+    # 3 x (B 3 H W) -> (3B) 3 H W, laid out B to a row: one (3H) x (B W) image
+    rows = torch.cat([(t * std + mean).clamp(0, 1) for t in (imgs, masked, recon)])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray((canvas.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")).save(path)
+    save_image(rows, path, nrow=imgs.shape[0], padding=0)
     model.train(was_training)
     return path

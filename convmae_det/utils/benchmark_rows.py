@@ -26,7 +26,8 @@ from convmae_det.utils.profiling import (
 
 __all__ = ["BACKBONE_CONFIG", "Bench", "build_backbones", "detection_cfg", "run", "synthetic_instances", "targets"]
 
-BACKBONE_CONFIG = "configs/COCO/mask_rcnn_convmae_base_25ep.yaml"
+BACKBONE_CONFIG = "COCO/mask_rcnn_convmae_base_25ep.yaml"  # a convmae_det.model_zoo name
+logger = logging.getLogger("convmae_det.benchmark")
 
 
 def targets(device: str) -> Dict[str, Dict[str, Optional[float]]]:
@@ -49,10 +50,11 @@ def detection_cfg(args, impl: str = "fast"):
     """The COCO Base config at ``args.img_size`` with ``args.opts``, on the CPU, without drop
     path, checkpointing or compiled blocks (the benchmark switches those itself)."""
     from convmae_det.engine import setup_cfg
+    from convmae_det.model_zoo import get_config_file
 
     img_size = str(args.img_size)
     return setup_cfg(
-        BACKBONE_CONFIG,
+        get_config_file(BACKBONE_CONFIG),
         ["MODEL.CONVMAE.SIZE", args.size, *args.opts,
          "MODEL.CONVMAE.SQUARE_PAD", img_size, "INPUT.LSJ.IMAGE_SIZE", img_size, "INPUT.MIN_SIZE_TEST", img_size,
          "INPUT.MAX_SIZE_TEST", img_size, "MODEL.CONVMAE.USE_ACT_CHECKPOINT", "False", "MODEL.CONVMAE.COMPILE", "False",
@@ -184,7 +186,7 @@ class Bench(Rows):
                 self.record("backbone fwd+bwd", "compiled", dtype, act_ckpt, a.batch, fwd_bwd, resident, gmacs, 3,
                             memory=self.device.type == "cuda", present=present)
             except Exception as e:  # a compiler failure must not cost the rest of the run
-                print(f"  backbone fwd+bwd compiled {dtype} ckpt={act_ckpt}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                logger.warning(f"backbone fwd+bwd compiled {dtype} ckpt={act_ckpt}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 self.checks[f"backbone_compiled_error_{dtype}"] = f"{type(e).__name__}: {str(e)[:300]}"
             net.zero_grad(set_to_none=True)
         configure(net.net, False, compiled=False)
@@ -339,15 +341,15 @@ def run(args) -> dict:
     t0 = time.time()
     bench = Bench(args)
     info = machine()
-    print(f"benchmark on {info.get('gpu') or info.get('cpu')} (torch {info['torch']}, {info['threads']} threads): "
-          f"{args.img_size}px batch {args.batch}, pretraining {args.pretrain_img_size}px batch {args.pretrain_batch}, "
-          f"median of {args.repeats} after {args.warmup} warm-up", flush=True)
+    logger.info(f"benchmark on {info.get('gpu') or info.get('cpu')} (torch {info['torch']}, {info['threads']} threads): "
+                f"{args.img_size}px batch {args.batch}, pretraining {args.pretrain_img_size}px batch {args.pretrain_batch}, "
+                f"median of {args.repeats} after {args.warmup} warm-up")
     if bench.peak:
-        print(f"measured bf16 matmul peak: {bench.peak:.1f} TFLOP/s")
+        logger.info(f"measured bf16 matmul peak: {bench.peak:.1f} TFLOP/s")
     rows = args.rows.split(",")
     for part in ("backbone", "maskrcnn", "pretrain"):
         if part in rows:
-            print(f"[{part}]", flush=True)
+            logger.info(f"[{part}]")
             getattr(bench, part)()
     bench.ratios()
     print()
@@ -355,10 +357,10 @@ def run(args) -> dict:
     print()
     met = verdicts(bench.checks, targets(args.device))
     elapsed = time.time() - t0
-    print(f"total {elapsed:.0f} s")
+    logger.info(f"total {elapsed:.0f} s")
     result = dict(machine=info, args=vars(args), bf16_matmul_peak_tflops=bench.peak, rows=bench.rows,
                   checks=bench.checks, targets=met, seconds=elapsed)
     with atomic_write(args.output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {args.output}")
+    logger.info(f"wrote {args.output}")
     return result

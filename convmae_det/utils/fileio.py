@@ -1,9 +1,10 @@
 """Writing files so that a reader never sees half of one."""
 import contextlib
 import os
+import shutil
 from typing import IO, Iterator
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "atomic_link"]
 
 
 @contextlib.contextmanager
@@ -28,4 +29,22 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_link(src: str, dst: str) -> None:
+    """Make ``dst`` the file ``src`` atomically: a hard link (no second copy on disk; replacing
+    either name later leaves the other intact), or, where the filesystem has none, a copy
+    written with :func:`atomic_write`."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.link{os.getpid()}")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as fsrc, atomic_write(dst, "wb") as fdst:
+            shutil.copyfileobj(fsrc, fdst)
+        return
+    try:
+        os.replace(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
             os.remove(tmp)

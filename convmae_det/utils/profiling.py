@@ -7,6 +7,7 @@ and, when its FLOPs are known, the achieved TFLOP/s. The variants of a row are t
 (:func:`time_interleaved`) so that the ratios between them do not depend on when the machine
 was busy. Nothing here knows about ConvMAE.
 """
+import logging
 import os
 import statistics
 import time
@@ -32,6 +33,8 @@ __all__ = [
     "verdicts",
     "machine",
 ]
+
+logger = logging.getLogger("convmae_det.benchmark")
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -250,8 +253,8 @@ class Rows:
                 row["fraction_of_bf16_peak"] = row["tflops"] / self.peak
         row.update(extra or {})
         self.rows.append(row)
-        print(f"  {name:<22} {impl:<8} {dtype:<5} ckpt={'on ' if act_ckpt else 'off'} {t * 1e3:9.1f} ms"
-              f"  peak {peak if peak is None else round(peak, 2)} GiB", flush=True)
+        logger.info(f"{name:<22} {impl:<8} {dtype:<5} ckpt={'on ' if act_ckpt else 'off'} {t * 1e3:9.1f} ms"
+                    f"  peak {peak if peak is None else round(peak, 2)} GiB")
         return row
 
     def speedups(self, baseline: str = "eager") -> None:

@@ -3,13 +3,14 @@
 One seeded finetune is not a measurement of a recipe (kernel-level changes alone moved a
 shapes run by 3 box AP), so initialisations are compared as mean +- std over seeds:
 
-  python tools/seed_grid.py --out output/grid --labeled 100 300 --seeds 0 1 2 \\
+  convmae-seed-grid --out output/grid --labeled 100 300 --seeds 0 1 2 \\
       --init scratch=configs/Shapes/mask_rcnn_convmae_tiny_shapes_100.yaml \\
       --init pretrained=configs/Shapes/mask_rcnn_convmae_tiny_shapes_100_pretrained.yaml:output/demo/pretrain/convmae_tiny_d2.pth
 
-Each cell runs ``tools/train_net.py --config-file CONFIG DATASETS.TRAIN ("convmae_shapes_train_N",)
-SEED S OUTPUT_DIR OUT/INIT_nN_sS [MODEL.WEIGHTS W] [--opts ...]`` and reads the final bbox and
-segm AP from that run's metrics.json. A cell whose ``result.json`` was written by the same
+Each cell runs ``python -m convmae_det.cli.train_net --config-file CONFIG DATASETS.TRAIN
+("convmae_shapes_train_N",) SEED S OUTPUT_DIR OUT/INIT_nN_sS [MODEL.WEIGHTS W] [--opts ...]``
+(convmae-train, with this convmae_det, in the current folder) and reads the final bbox and segm
+AP from that run's metrics.json. A cell whose ``result.json`` was written by the same
 command (same config file contents, same weights file size and time) is read instead of run
 again, and the table says which rows were run now and which were read. Writes OUT/grid.json,
 OUT/grid.md (the table) and OUT/grid.png (AP against labeled images, one line per
@@ -18,6 +19,7 @@ initialisation, error bars = std over seeds). Trailing ``--opts KEY VALUE ...`` 
 import argparse
 import hashlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -30,6 +32,8 @@ from .fileio import atomic_write
 __all__ = ["main", "final_metrics", "summarize", "markdown", "plot"]
 
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+TRAIN_NET = "convmae_det.cli.train_net"
+logger = logging.getLogger("convmae_det.seed_grid")
 
 
 def parse_init(text: str):
@@ -48,7 +52,7 @@ def positive(text: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="seed_grid.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for the runs, grid.json, grid.md and grid.png")
     p.add_argument("--init", action="append", type=parse_init, required=True, metavar="NAME=CONFIG[:WEIGHTS]")
     p.add_argument("--labeled", type=positive, nargs="+", required=True, help="sizes of the labeled training split")
@@ -107,12 +111,27 @@ def echo_copypaste(name: str, labeled: int, seed: int, out: str) -> None:
     except OSError:
         return
     for line in lines:
-        print(f"[{name} n={labeled} seed={seed}] {line[line.index('copypaste:'):]}")
+        logger.info(f"[{name} n={labeled} seed={seed}] {line[line.index('copypaste:'):]}")
 
 
-def run_cell(args, train_net: str, name: str, config: str, weights: str, labeled: int, seed: int) -> Dict:
+def _child_env() -> Dict[str, str]:
+    """The environment of a cell: this process's, with the folder holding this convmae_det in
+    front of PYTHONPATH unless it is a site folder (a clone), so the cell runs the same code."""
+    import site
+
+    import convmae_det
+
+    env = dict(os.environ)
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(convmae_det.__file__)))
+    sites = {os.path.abspath(p) for p in site.getsitepackages() + [site.getusersitepackages()]}
+    if parent not in sites:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (parent, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_cell(args, name: str, config: str, weights: str, labeled: int, seed: int) -> Dict:
     out = os.path.join(args.out, f"{name}_n{labeled}_s{seed}")
-    cmd = [sys.executable, train_net, "--config-file", config,
+    cmd = [sys.executable, "-m", TRAIN_NET, "--config-file", config,
            "DATASETS.TRAIN", f'("convmae_shapes_train_{labeled}",)', "SEED", str(seed), "OUTPUT_DIR", out]
     if weights:
         cmd += ["MODEL.WEIGHTS", weights]
@@ -130,10 +149,10 @@ def run_cell(args, train_net: str, name: str, config: str, weights: str, labeled
             if os.path.exists(os.path.join(out, f)):
                 os.remove(os.path.join(out, f))
     os.makedirs(out, exist_ok=True)
-    print(f"[seed_grid] {name} n={labeled} seed={seed}: {' '.join(cmd[1:])}", flush=True)
+    logger.info(f"{name} n={labeled} seed={seed}: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(os.path.join(out, "stdout.log"), "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.dirname(train_net)))
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
     if rc != 0:
         raise RuntimeError(f"finetune {name} n={labeled} seed={seed} failed (exit {rc}); see {out}/stdout.log")
     result = dict(init=name, config=config, weights=weights, labeled=labeled, seed=seed, command=cmd[1:],
@@ -198,14 +217,12 @@ def plot(rows: List[Dict], inits: List[str], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None, train_net: str = "tools/train_net.py"):
-    """Run the grid (``argv`` as on the command line) with the ``tools/train_net.py`` at
-    ``train_net``; the runs start in the folder above its ``tools/``. Returns the table rows."""
+def main(argv=None):
+    """Run the grid (``argv`` as on the command line); prints the table and returns its rows."""
     args = parse_args(argv)
-    train_net = os.path.abspath(train_net)
     os.makedirs(args.out, exist_ok=True)
     inits = [n for n, _, _ in args.init]
-    cells = [run_cell(args, train_net, name, config, weights, n, s)
+    cells = [run_cell(args, name, config, weights, n, s)
              for name, config, weights in args.init for n in args.labeled for s in args.seeds]
     rows = summarize(cells, inits, args.labeled)
     table = markdown(rows, cells)
