@@ -32,6 +32,7 @@ from convmae_det.checkpoint import (  # noqa: E402
 )
 from convmae_det.engine import setup_cfg  # noqa: E402
 from convmae_det.modeling.convvit import check_stage3_indexes  # noqa: E402
+from convmae_det.utils.fileio import same_file  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "COCO", "mask_rcnn_convmae_base_25ep.yaml")
 
@@ -64,7 +65,7 @@ def main(argv=None):
     p.add_argument("--allow-pickle", action="store_true", help="trust the input: allow arbitrary unpickling")
     p.add_argument("opts", nargs="*", help="config overrides KEY VALUE ...")
     args = p.parse_intermixed_args(argv)
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
+    if same_file(args.input, args.output):
         raise SystemExit("refusing to overwrite the input checkpoint: choose another OUTPUT")
     try:
         sd = unwrap_state_dict(load_checkpoint_file(args.input, args.allow_pickle))

@@ -12,11 +12,12 @@ sees other batches than the run it continues. Here
   read; about a second for a million indices) and starts loading at batch i;
 - each sample's random draws (flip, resize, crop) depend only on (data seed, rank, position in
   the stream), by seeding ``random``, NumPy and torch before the mapper runs, whichever worker
-  maps it (:func:`sample_seed`).
+  maps it (:func:`sample_seed`), and restoring the generators after.
 
 The model's own draws (RPN and ROI sampling, drop path) are seeded per iteration by the trainer
 (:func:`iteration_seed`).
 """
+import contextlib
 import hashlib
 import logging
 import random
@@ -56,6 +57,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """The global generators seeded with ``seed`` inside, and as they were after: without
+    workers the samples are mapped in the training process, whose own draws (the model's) must
+    not depend on it."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 def build_train_sampler(cfg, dataset_dicts: Sequence[dict], seed: int):
@@ -107,7 +123,10 @@ class _SeededSamples(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         position, index = key
-        seed_everything(sample_seed(self.seed, self.rank, position))
+        with _seeded(sample_seed(self.seed, self.rank, position)):
+            return self._map(index)
+
+    def _map(self, index: int):
         for attempt in range(len(self.dicts)):  # as detectron2's MapDataset: a None result takes another sample
             d = self.dicts[(index + attempt) % len(self.dicts)]
             try:
@@ -156,5 +175,6 @@ class ResumableTrainLoader:
             batch_sampler=_BatchKeys(sampler, self.buckets, self.batch_size, start),
             num_workers=self.num_workers,
             collate_fn=trivial_batch_collator,
+            generator=torch.Generator().manual_seed(seed),  # the global generator stays the model's
         )
         yield from loader
