@@ -108,14 +108,15 @@ def load_checkpoint_file(path: str, allow_pickle: bool = False) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle, type and EOF errors of damaged or foreign files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        refused = isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or "Unsupported operand" in str(e))
         code = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not code and "Unsupported global" in str(e):
+            code = ["an object's class"]
         if not code and not zipfile.is_zipfile(path):
-            code = _pickle_code_refs(path)
-        if not (refused or code):
+            code = _pickle_code_refs(path)  # a pickle that torch's restricted reader stopped at before its globals
+        if not code:
             raise CheckpointError(f"corrupt file: {path} is not a readable torch checkpoint (truncated or damaged?): {type(e).__name__}: {first[:200]}") from None
         if not allow_pickle:
-            what = f"would import and call {', '.join(code[:5])}" if code else "holds objects other than tensors and plain containers"
+            what = f"would import and call {', '.join(code[:5])}"
             raise CheckpointError(
                 f"unsafe content: {path} {what}, and loading it could run code from the file: "
                 "refused; pass --allow-pickle if you trust it"

@@ -15,7 +15,6 @@ from detectron2.data import (
     DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
-    build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.data import detection_utils as utils
