@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, DatasetMapper  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import convmae_det  # noqa: E402,F401
+from convmae_det.checkpoint import SafeCheckpointer  # noqa: E402
 from convmae_det.data import add_register_argument, prepare_builtin_datasets, register_coco_datasets  # noqa: E402
 from convmae_det.engine import setup_cfg  # noqa: E402
 from convmae_det.export import (  # noqa: E402
@@ -64,7 +64,7 @@ def main(argv=None):
           f"{inputs[0]['image'].dtype} input)")
 
     model = build_model(cfg)  # the Python model as configured
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeCheckpointer(model, complete=True).load(cfg.MODEL.WEIGHTS)
     model.eval()
     exported = ExportedModel(args.output)
     worst = worst_differences([compare_predictions(model, exported, x, args.atol) for x in inputs])
