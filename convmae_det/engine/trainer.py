@@ -123,7 +123,7 @@ def add_safety_arguments(parser, overwrite: bool = True) -> None:
                             help="start a new run in an OUTPUT_DIR that holds one: its checkpoints, metrics, events and logs are removed")
 
 
-# what a training run writes to OUTPUT_DIR; a new run refuses a folder holding the first four
+# a new training run refuses an OUTPUT_DIR holding one of these; --overwrite also removes the leftovers
 RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "events.out.tfevents.*")
 RUN_LEFTOVERS = ("log.txt", "log.txt.rank*", "inference", "vis")
 
