@@ -21,7 +21,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -214,7 +213,8 @@ def test_pickle_payloads_never_run(data, two_iterations, tmp_path):
                         "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "e")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "unsafe content" in r.stderr and "--allow-pickle" in r.stderr, r.stderr[-2000:]
-    predict = types.SimpleNamespace(**runpy.run_path(tool("predict.py")))
+    from convmae_det.cli import predict
+
     img = tmp_path / "a.png"
     Image.new("RGB", (64, 64)).save(img)
     with pytest.raises(SystemExit, match="unsafe content"):
@@ -283,7 +283,9 @@ TINY_PRETRAIN = ["--size", "tiny", "--img-size", "64", "--decoder-dim", "32", "-
 
 @pytest.fixture(scope="module")
 def pretrain_tool():
-    return types.SimpleNamespace(**runpy.run_path(tool("pretrain.py")))
+    from convmae_det.cli import pretrain as pretrain_cli
+
+    return pretrain_cli
 
 
 @pytest.fixture(scope="module")
