@@ -25,6 +25,8 @@ stay what they are.
 """
 import contextlib
 import importlib
+import io
+from typing import Tuple
 
 import numpy as np
 from detectron2.evaluation import COCOEvaluator as _D2COCOEvaluator
@@ -35,6 +37,7 @@ __all__ = [
     "COCO_EVAL_BACKENDS",
     "COCOEvaluator",
     "cocoeval_class",
+    "drop_degenerate_polygons",
     "has_faster_coco_eval",
     "resolve_coco_eval_backend",
 ]
@@ -109,6 +112,29 @@ def cocoeval_class(backend: str):
     raise ValueError(f"unknown COCOeval backend {backend!r}; expected one of {COCO_EVAL_BACKENDS}")
 
 
+def drop_degenerate_polygons(coco_api) -> Tuple[int, int]:
+    """Remove the polygons of fewer than 3 points from a pycocotools ``COCO`` ground truth, and
+    the instances left without a polygon: detectron2's ``load_coco_json`` drops the same ones
+    for training, and pycocotools cannot rasterise them (``TypeError: Argument 'bb'``). Returns
+    (polygons dropped, instances dropped)."""
+    polygons, kept = 0, []
+    for ann in coco_api.dataset.get("annotations", []):
+        segm = ann.get("segmentation")
+        if isinstance(segm, list):
+            valid = [p for p in segm if len(p) % 2 == 0 and len(p) >= 6]
+            polygons += len(segm) - len(valid)
+            if not valid:
+                continue
+            ann["segmentation"] = valid
+        kept.append(ann)
+    instances = len(coco_api.dataset.get("annotations", [])) - len(kept)
+    if polygons or instances:
+        coco_api.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints
+            coco_api.createIndex()
+    return polygons, instances
+
+
 @contextlib.contextmanager
 def _detectron2_fast_cocoeval(cls):
     """Make ``cls`` detectron2's fast COCOeval for the duration.
@@ -143,6 +169,12 @@ class COCOEvaluator(_D2COCOEvaluator):
         super().__init__(dataset_name, *args, use_fast_impl=backend == "compiled", **kwargs)
         self.backend = backend
         self.coco_stats, self.cocoeval_used = {}, {}
+        polygons, instances = drop_degenerate_polygons(self._coco_api)
+        if polygons or instances:
+            self._logger.warning(
+                f"{dataset_name}: dropped {polygons} polygon(s) of fewer than 3 points from the evaluation ground truth, "
+                f"and {instances} instance(s) left without one, as detectron2's training loader does"
+            )
         if backend == "faster_coco_eval":
             self._cocoeval_cls = cocoeval_class(backend)
             self._use_fast_impl = True

@@ -26,12 +26,11 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from .engine.trainer import check_weights_fit
+from .checkpoint import SafeCheckpointer
 from .utils.fileio import atomic_write
 
 __all__ = [
@@ -74,8 +73,8 @@ def build_traceable_model(cfg) -> torch.nn.Module:
     cfg.MODEL.CONVMAE.IMPL = "eager"
     cfg.freeze()
     model = build_model(cfg)
-    check_weights_fit(model, cfg.MODEL.WEIGHTS)  # detectron2 would skip misfit tensors with a warning
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # read without running code from the file, and every tensor must fit (detectron2 would skip misfits)
+    SafeCheckpointer(model, complete=True).load(cfg.MODEL.WEIGHTS)
     return model.eval()
 
 

@@ -26,6 +26,13 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """What the dataset checks remember (convmae_det.data.checks.cache_dir) goes to the session's
+    temporary folder, not ~/.cache; tools run as subprocesses inherit it."""
+    os.environ["CONVMAE_DET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def tiny_convvit_kwargs(**over):
     kw = dict(embed_dims=(32, 48, 64), depths=(1, 1, 2), num_heads=2, pretrain_img_size=64)
     kw.update(over)

@@ -26,6 +26,7 @@ from convmae_det.data import (
     prepare_builtin_datasets,
     write_sem_seg_labels,
 )
+from convmae_det.data.checks import DatasetError, check_image_files
 from convmae_det.data.shapes import _draw_split, sem_seg_labels_ready
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions
 from convmae_det.solver import build_lr_scheduler, build_optimizer
@@ -220,8 +221,22 @@ def test_trainer_trains_evaluates_and_draws_sem_seg(shapes, tmp_path):
     assert len(paths) == 2 and Image.open(paths[0]).size == (2 * 96, 96)  # prediction | ground truth
     bad = setup_cfg(SHAPES_SEG, ["MODEL.DEVICE", "cpu", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "7",
                                  "DATASETS.TRAIN", "('test_sem_seg_run_train',)", "DATASETS.TEST", "()"])
-    with pytest.raises(ValueError, match="6 classes.*NUM_CLASSES is 7"):
+    with pytest.raises(DatasetError, match=r"MODEL.SEM_SEG_HEAD.NUM_CLASSES is 7 but dataset test_sem_seg_run_train has 6 classes"):
         Trainer(bad)
+
+
+def test_missing_or_damaged_label_files_are_named(shapes, tmp_path):
+    dicts = load_shapes_sem_seg(shapes["root"], "val")
+    check_image_files(dicts, ["val"])  # all present and decodable
+    gone = [dict(d, sem_seg_file_name=str(tmp_path / "nowhere.png")) if i == 1 else d for i, d in enumerate(dicts)]
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 semantic label files of dataset\(s\) \['val'\] are missing"):
+        check_image_files(gone, ["val"])
+    cut = tmp_path / "cut.png"
+    with open(dicts[2]["sem_seg_file_name"], "rb") as f:
+        cut.write_bytes(f.read()[:-40])
+    broken = [dict(d, sem_seg_file_name=str(cut)) if i == 2 else d for i, d in enumerate(dicts)]
+    with pytest.raises(DatasetError, match=r"semantic label file .*cut.png cannot be decoded"):
+        check_image_files(broken, ["val"])
 
 
 def test_ade20k_base_config_loads_an_official_checkpoint_and_trains_one_step(tmp_path):

@@ -70,9 +70,8 @@ EOF
 train() {  # train NAME WORKDIR KEY VALUE...: the Base recipe's model on the shapes dataset at 1024
     local name=$1 work=$2
     shift 2
-    rm -f "$work/metrics.json"  # detectron2 appends to it
     # shellcheck disable=SC2086
-    step "$name" "$OUT/$name.log" "${TRAIN_TIMEOUT:-300}" $PY tools/train_net.py \
+    step "$name" "$OUT/$name.log" "${TRAIN_TIMEOUT:-300}" $PY tools/train_net.py --overwrite \
         --config-file configs/COCO/mask_rcnn_convmae_base_25ep.yaml \
         DATASETS.TRAIN '("convmae_shapes_train",)' DATASETS.TEST '("convmae_shapes_val",)' \
         MODEL.ROI_HEADS.NUM_CLASSES 5 SOLVER.IMS_PER_BATCH "$BATCH" SOLVER.MAX_ITER "$ITERS" \

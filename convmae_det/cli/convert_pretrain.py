@@ -32,6 +32,7 @@ from convmae_det.checkpoint import (
 from convmae_det.engine import setup_cfg
 from convmae_det.model_zoo import get_config_file, resolve_config_file
 from convmae_det.modeling.backbone import global_attn_indexes
+from convmae_det.utils.fileio import same_file
 from convmae_det.utils.logger import setup_logging
 
 __all__ = ["main", "build_target"]
@@ -70,7 +71,7 @@ def main(argv=None):
     p.add_argument("opts", nargs="*", help="config overrides KEY VALUE ...")
     args = p.parse_intermixed_args(argv)
     setup_logging()
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
+    if same_file(args.input, args.output):
         raise SystemExit("refusing to overwrite the input checkpoint: choose another OUTPUT")
     try:
         sd = unwrap_state_dict(load_checkpoint_file(args.input, args.allow_pickle))

@@ -15,11 +15,11 @@ import argparse
 import logging
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.modeling import build_model
 
 import convmae_det  # noqa: F401
+from convmae_det.checkpoint import SafeCheckpointer
 from convmae_det.data import add_register_argument, prepare_builtin_datasets, register_coco_datasets
 from convmae_det.engine import setup_cfg
 from convmae_det.export import (
@@ -68,7 +68,7 @@ def main(argv=None):
                 f"{inputs[0]['image'].dtype} input)")
 
     model = build_model(cfg)  # the Python model as configured
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    SafeCheckpointer(model, complete=True).load(cfg.MODEL.WEIGHTS)
     model.eval()
     exported = ExportedModel(args.output)
     worst = worst_differences([compare_predictions(model, exported, x, args.atol) for x in inputs])

@@ -5,35 +5,37 @@
   (from a clone: python tools/predict.py ...)
 
 Writes one PNG per input (same stem) with boxes, masks and class names drawn by detectron2's
-Visualizer, and OUTPUT/log.txt. Class names come from the first dataset in DATASETS.TEST.
+Visualizer, and OUTPUT/log.txt. Class names come from the first dataset in DATASETS.TEST. The
+weights must fit the whole model and are read without running code from them (--allow-pickle
+to trust them); an input that is not a readable image is reported and skipped (exit status 1
+at the end).
 """
 import argparse
 import logging
 import os
 import sys
 
-from PIL import Image
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 
 import convmae_det  # noqa: F401
-from convmae_det.engine import setup_cfg
+from convmae_det.engine import add_safety_arguments, build_predictor, exit_on_user_error, predict_images, setup_cfg
+from convmae_det.utils.argtypes import fraction
 from convmae_det.utils.logger import setup_logging
-from convmae_det.utils.visualize import draw_predictions
 
 __all__ = ["main"]
 
 logger = logging.getLogger("convmae_det")
 
 
+@exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--weights", required=True, help="checkpoint written by convmae-train")
     p.add_argument("--input", nargs="+", required=True, help="image files")
     p.add_argument("--output", required=True, help="folder for the drawn PNGs")
-    p.add_argument("--score-thresh", type=float, default=0.5)
+    p.add_argument("--score-thresh", type=fraction, default=0.5)
+    add_safety_arguments(p, overwrite=False)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
     if not os.path.isfile(args.weights):
@@ -45,16 +47,11 @@ def main(argv=None):
     cfg = setup_cfg(args.config_file, args.opts + ["MODEL.WEIGHTS", args.weights], freeze=False)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = args.score_thresh
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg, allow_pickle=args.allow_pickle)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
-    for path in args.input:
-        img = read_image(path, format=cfg.INPUT.FORMAT)
-        # the ROI heads already dropped the detections under SCORE_THRESH_TEST (= --score-thresh)
-        instances = predictor(img)["instances"]
-        rgb = img if cfg.INPUT.FORMAT == "RGB" else img[:, :, ::-1]
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
-        Image.fromarray(draw_predictions(rgb, instances, metadata)).save(out)
-        logger.info(f"{path}: {len(instances)} instances -> {out}")
+    failed = predict_images(predictor, args.input, args.output, metadata)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(args.input)} inputs are not readable images: {failed}")
 
 
 if __name__ == "__main__":

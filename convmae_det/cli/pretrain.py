@@ -32,6 +32,7 @@ import torch.distributed as dist
 from timm.utils import init_distributed_device
 
 from convmae_det.pretrain import engine
+from convmae_det.utils.argtypes import fraction, nonnegative_float, nonnegative_int, open_fraction, positive_float, positive_int
 from convmae_det.utils.logger import setup_logging
 
 __all__ = ["main", "get_args", "setup_distributed"]
@@ -42,37 +43,38 @@ def get_args(argv=None):
     p.add_argument("--data", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", required=True)
     p.add_argument("--size", default="base", choices=["tiny", "small", "base", "large"])
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--mask-ratio", type=float, default=0.75)
+    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument("--mask-ratio", type=open_fraction, default=0.75)
     for part, default in (("dim", 512), ("depth", 8), ("heads", 16)):
-        p.add_argument(f"--decoder-{part}", type=int, default=default)
+        p.add_argument(f"--decoder-{part}", type=positive_int, default=default)
     p.add_argument("--no-norm-pix-loss", action="store_true", help="regress raw pixels instead of per-patch normalised ones")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--epochs", type=float, default=None)
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: from --epochs, else 1000)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per GPU (or CPU process) per forward")
-    p.add_argument("--effective-batch", type=int, default=None, help="target batch per optimizer step (sets accumulation)")
-    p.add_argument("--accum-iter", type=int, default=1)
-    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
-    p.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    p.add_argument("--min-lr", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 40 epochs' worth, at most 1/4 of the run")
-    p.add_argument("--drop-path", type=float, default=0.0)
-    p.add_argument("--num-workers", type=int, default=4)
+    g.add_argument("--epochs", type=positive_float, default=None)
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: from --epochs, else 1000)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per GPU (or CPU process) per forward")
+    p.add_argument("--effective-batch", type=positive_int, default=None, help="target batch per optimizer step (sets accumulation)")
+    p.add_argument("--accum-iter", type=positive_int, default=1)
+    p.add_argument("--blr", type=positive_float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
+    p.add_argument("--lr", type=positive_float, default=None, help="absolute lr (overrides --blr)")
+    p.add_argument("--min-lr", type=nonnegative_float, default=0.0)
+    p.add_argument("--weight-decay", type=nonnegative_float, default=0.05)
+    p.add_argument("--warmup-epochs", type=nonnegative_float, default=None)
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=None, help="default: 40 epochs' worth, at most 1/4 of the run")
+    p.add_argument("--drop-path", type=fraction, default=0.0)
+    p.add_argument("--num-workers", type=nonnegative_int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="autocast on GPU (auto: bf16 if supported)")
     p.add_argument("--act-checkpoint", action="store_true")
-    p.add_argument("--complementary", type=int, default=0, metavar="K",
+    p.add_argument("--complementary", type=nonnegative_int, default=0, metavar="K",
                    help="K > 1: K disjoint masks per image per step (mask ratio 1 - 1/K, FastConvMAE); "
                         "every patch is a target each step, at K times the per-image cost")
     p.add_argument("--dense-conv-stages", action="store_true", help="run the reference model, the official computation with dense stages 1-2 (same loss, slower)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--keep-last", type=int, default=2, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=500)
+    p.add_argument("--keep-last", type=nonnegative_int, default=2, metavar="N",
                    help="numbered checkpoints (checkpoint-STEP.pth) to keep, the newest; 0 keeps all (default 2)")
-    p.add_argument("--stop-at", type=int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--divergence-factor", type=nonnegative_float, default=100.0, help="stop when a step's loss exceeds this many times the median of the last 100 (0: only non-finite losses stop)")
+    p.add_argument("--stop-at", type=positive_int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
+    p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="a checkpoint, or OUTPUT/checkpoint.pth if none given")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one: its checkpoints, logs and TensorBoard events are removed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

@@ -3,7 +3,9 @@
   convmae-train --config-file configs/COCO/mask_rcnn_convmae_base_25ep.yaml --num-gpus 8
   convmae-train --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
   convmae-train --config-file CONFIG --resume          # continue from last_checkpoint
+  convmae-train --config-file CONFIG --overwrite       # start over in an OUTPUT_DIR that holds a run
 (from a clone: python tools/train_net.py ...). Trailing KEY VALUE pairs override the config;
+  python convmae_det/cli/train_net.py --config-file CONFIG --overwrite       # start over in an OUTPUT_DIR that holds a run
 a LazyConfig (CONFIG.py) takes key=value overrides.
 A --config-file that is not a file is looked up among the packaged configs by name
 (COCO/mask_rcnn_convmae_base_25ep.yaml, or with a leading configs/).
@@ -12,20 +14,20 @@ import os
 import sys
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 import convmae_det  # noqa: F401  (registers backbones, heads, datasets)
 from convmae_det.data import add_register_argument, register_coco_datasets
 from convmae_det.engine import Trainer, setup_cfg, visualize_predictions
 from convmae_det.engine.lazy import is_lazy_config, main_lazy
-from convmae_det.engine.trainer import check_weights_fit
+from convmae_det.engine import add_safety_arguments, exit_on_user_error, load_eval_weights, prepare_output_dir
 from convmae_det.model_zoo import resolve_config_file
 from convmae_det.utils.logger import setup_logging
 
 __all__ = ["main", "cli"]
 
 
+@exit_on_user_error
 def main(args):
     try:
         if args.config_file:
@@ -36,18 +38,18 @@ def main(args):
         return main_lazy(args)  # a LazyConfig (.py): ViTDet's train.*/dataloader.* conventions
     try:
         register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     cfg = setup_cfg(args.config_file, args.opts)
+    prepare_output_dir(cfg.OUTPUT_DIR, resume=args.resume, overwrite=args.overwrite, eval_only=args.eval_only)
     default_setup(cfg, args)
     setup_logging(cfg.OUTPUT_DIR, comm.get_rank())
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        check_weights_fit(model, cfg.MODEL.WEIGHTS)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_eval_weights(cfg, model, resume=args.resume, allow_pickle=args.allow_pickle)
         res = Trainer.test(cfg, model)
     else:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, allow_pickle=args.allow_pickle)
         trainer.resume_or_load(resume=args.resume)
         res = trainer.train()
         model = trainer.model
@@ -64,6 +66,7 @@ def cli(argv=None):
     """The command: parse ``argv`` (default sys.argv[1:]) and run :func:`main` in each process."""
     parser = default_argument_parser()
     add_register_argument(parser)
+    add_safety_arguments(parser)
     args = parser.parse_args(argv)
     launch(
         main,

@@ -8,6 +8,8 @@ from .builtin import (
     register_coco_datasets,
     shapes_root,
 )
+from .checks import DatasetError, check_image_files, check_num_classes, load_coco_json_named
+from .loader import ResumableTrainLoader
 from .mapper import build_lsj_augmentations, build_sem_seg_augmentations, build_train_mapper
 from .shapes import (
     SEM_SEG_CLASSES,
@@ -25,6 +27,8 @@ from .shapes import (
 __all__ = [
     "BUILTIN_SHAPES",
     "BUILTIN_SHAPES_SEM_SEG",
+    "DatasetError",
+    "ResumableTrainLoader",
     "SEM_SEG_CLASSES",
     "SEM_SEG_IGNORE",
     "SHAPE_CLASSES",
@@ -33,8 +37,11 @@ __all__ = [
     "build_lsj_augmentations",
     "build_sem_seg_augmentations",
     "build_train_mapper",
+    "check_image_files",
+    "check_num_classes",
     "generate_shapes_dataset",
     "generate_shapes_pool",
+    "load_coco_json_named",
     "load_shapes_sem_seg",
     "prepare_builtin_datasets",
     "register_builtin_shapes",

@@ -14,6 +14,7 @@ are the same images as detectron2 semantic segmentation datasets: per-pixel labe
 the trainer calls for the datasets a config names, writes them up front (and rewrites a stale
 copy), so a fresh checkout needs no download.
 """
+import functools
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 
+from .checks import load_coco_json_named
 from .shapes import (
     SEM_SEG_CLASSES,
     SEM_SEG_IGNORE,
@@ -148,7 +150,7 @@ def _register_lazy(name: str) -> None:
     def load():
         _ensure_files(name)
         meta = MetadataCatalog.get(name)
-        return load_coco_json(meta.json_file, meta.image_root, name)
+        return load_coco_json_named(meta.json_file, meta.image_root, name)
 
     DatasetCatalog.register(name, load)
     MetadataCatalog[name] = _ShapesMetadata(name=name, thing_classes=list(SHAPE_CLASSES), evaluator_type="coco")
@@ -201,15 +203,19 @@ def prepare_builtin_datasets(names: Iterable[str], spec: ShapesSpec = None) -> N
 
 def register_coco_datasets(specs: Iterable[Sequence[str]]) -> None:
     """Register COCO-format datasets of your own: ``(name, json_file, image_root)`` triples (the
-    tools' ``--register NAME JSON IMAGE_ROOT``). A missing annotation file or image folder is a
-    FileNotFoundError naming it; a name already registered is kept."""
+    tools' ``--register NAME JSON IMAGE_ROOT``), loaded by :func:`~.checks.load_coco_json_named`
+    (a json that does not parse is an error naming it). A missing annotation file or image folder
+    is a FileNotFoundError naming it; a name already registered (built in, or registered twice)
+    is a ValueError: keeping the old dataset under the name would train on other data silently."""
     for name, json_file, image_root in specs or []:
         if not os.path.isfile(json_file):
             raise FileNotFoundError(f"--register {name}: annotation file {json_file!r} does not exist")
         if not os.path.isdir(image_root):
             raise FileNotFoundError(f"--register {name}: image folder {image_root!r} does not exist")
-        if name not in DatasetCatalog.list():
-            register_coco_instances(name, {}, json_file, image_root)
+        if name in DatasetCatalog.list():
+            raise ValueError(f"--register {name}: a dataset of that name is already registered (built in, or given twice): choose another NAME")
+        DatasetCatalog.register(name, functools.partial(load_coco_json_named, json_file, image_root, name))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
 
 
 def add_register_argument(parser) -> None:

@@ -3,11 +3,12 @@ import logging
 import os
 from typing import Iterator, List, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["IMAGE_EXTENSIONS", "list_images", "ImageFolderDataset", "ResumableSampler", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "to_rgb", "ImageFolderDataset", "ResumableSampler", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,6 +26,19 @@ def list_images(root: str) -> List[str]:
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
     return sorted(files)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image. 16-bit grayscale (modes ``I;16*``, and ``I``, which
+    is how PIL opens 16-bit PNGs and TIFFs) is scaled from 0-65535 to 0-255, where PIL's
+    ``convert`` clips it (everything above 255 turns white); palette images go through their
+    palette (with transparency: through RGBA), and alpha is dropped."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        values = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(values / 257.0, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
 
 
 class ImageFolderDataset(Dataset):
@@ -48,7 +62,7 @@ class ImageFolderDataset(Dataset):
     def _open(self, path: str):
         try:
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return to_rgb(im)
         except Exception as e:  # PIL raises many types for corrupt files
             if path not in self._reported:
                 self._reported.add(path)

@@ -13,6 +13,11 @@ arguments, the process set-up and the logging, and calls:
 - :func:`train_step`: one optimizer step over the micro-batches of gradient accumulation;
 - :func:`prepare_output` and :func:`trim_log`: what an OUTPUT folder may hold.
 
+A diverged run never replaces the checkpoint: a non-finite loss, a loss over
+``divergence_factor`` times the median of the last 100 steps, or a non-finite parameter or
+optimizer moment at a save stops the run with :class:`PretrainError`, naming the step and the
+checkpoint that is kept (:func:`nonfinite_tensors`).
+
 Resumable: a step's random draws depend only on (seed, step, micro-batch, rank): the masks come
 from :func:`mask_generator`, drop path from the global seed set by :func:`step_seed`, the crops
 from the sample's key (:class:`~.data.ImageFolderDataset`), so a resumed run repeats the loss
@@ -20,6 +25,7 @@ curve of an uninterrupted one. Errors a user fixes on the command line raise
 :class:`PretrainError`, with a message naming the file or option.
 """
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -27,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -38,7 +45,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 
 from ..modeling.masking import grid_of, patch_mean_std, patchify, unpatchify
-from ..utils.fileio import atomic_link, atomic_write
+from ..utils.fileio import atomic_link, atomic_write, remove_stale_temp_files
 from . import convmae_pretrain
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images
 
@@ -60,12 +67,14 @@ __all__ = [
     "save_checkpoint",
     "save_checkpoints",
     "numbered_checkpoints",
+    "nonfinite_tensors",
     "reconstruction_grid",
 ]
 
 logger = logging.getLogger("convmae_det.pretrain")
 RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")  # with checkpoint-STEP.pth: an earlier run's
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
+DIVERGENCE_FACTOR = 100.0  # default of --divergence-factor
 
 
 class PretrainError(SystemExit):
@@ -122,6 +131,8 @@ def prepare_output(output: str, resume: bool, overwrite: bool, rank: int = 0) ->
     unless ``overwrite`` removes them, and its text log: appending a second run's log to the first
     one's would mix two runs. Rank 0 removes all but the other ranks' text logs (log.txt.rankN),
     which each rank removes itself. Returns the names removed (call before the log is set up)."""
+    if rank == 0:
+        remove_stale_temp_files(output)  # temporary files of interrupted checkpoint writes
     if resume:
         return []
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(output, f))]
@@ -143,13 +154,28 @@ def prepare_output(output: str, resume: bool, overwrite: bool, rank: int = 0) ->
 
 def trim_log(path: str, step: int) -> None:
     """Drop the log lines after the checkpoint's step (written before an interruption), so that
-    the resumed run logs each step once. The file is replaced atomically."""
+    the resumed run logs each step once. A partial last line (the process was killed while
+    writing it) is dropped; another line that is not JSON is a :class:`PretrainError` naming
+    it. The file is replaced atomically."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = f.readlines()
+    keep = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                logger.warning(f"{path}: dropping its partial last line (written when the run was interrupted)")
+                continue
+            raise PretrainError(f"--resume: {path} line {i + 1} is not JSON ({e}): fix or remove that line") from None
+        if row.get("step", 0) <= step:
+            keep.append(line)
     with atomic_write(path) as f:
-        f.writelines(lines)
+        f.writelines(keep)
 
 
 def save_checkpoint(path: str, model: nn.Module, optimizer, scaler, step: int, args: dict) -> None:
@@ -191,6 +217,22 @@ def save_checkpoints(output: str, model: nn.Module, optimizer, scaler, step: int
         if older:
             logger.info(f"removed {', '.join(os.path.basename(p) for p in older)} (--keep-last {keep_last})")
     return numbered
+
+
+def nonfinite_tensors(model: nn.Module, optimizer=None) -> List[str]:
+    """Names of the parameters, and of the optimizer's state tensors, that hold NaN or infinity."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        bad += [f"optimizer {k} of {names.get(id(p), '?')}" for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    return bad
+
+
+def _kept(path: str, step: Optional[int]) -> str:
+    if step is None:
+        return "No checkpoint was written: start again with a lower --lr or --blr"
+    return f"{path} of step {step} is kept: resume from it (--resume) with a lower --lr or --blr"
 
 
 def resume(path: str, model: nn.Module, optimizer=None, scaler=None) -> int:
@@ -341,7 +383,7 @@ def train_step(
             with torch.autocast(imgs.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss, _, _ = model(imgs, mask_ratio=mask_ratio, generator=gen, complementary=complementary)
             if not math.isfinite(loss.item()):
-                raise PretrainError(f"loss is {loss.item()} at step {step}: stopping (lower the lr or use --amp bf16)")
+                raise PretrainError(f"training diverged at step {step + 1}: the loss is {loss.item()} (lower the lr or use --amp bf16)")
             scaler.scale(loss / accum).backward()
         loss_sum += loss.item() / accum
         images += imgs.shape[0]
@@ -356,23 +398,44 @@ def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
     lr, images of this process) after each. On rank 0, after the yield, every
     ``checkpoint_every`` steps, at the end and at ``stop_at``: OUTPUT/checkpoint-STEP.pth and
     OUTPUT/checkpoint.pth (:func:`save_checkpoints`, keeping ``keep_last``) and
-    OUTPUT/vis/step_XXXXXX.png."""
+    OUTPUT/vis/step_XXXXXX.png. A diverged step raises :class:`PretrainError` (see the module
+    docstring) and leaves the checkpoints as they were."""
     o = run.opts
     run.model.train()
     batches = (b.to(run.device, non_blocking=True) for b in run.loader)
+    ckpt = os.path.join(o.output, "checkpoint.pth")
+    saved = run.start_step if run.start_step and os.path.isfile(ckpt) else None  # the step of the checkpoint on disk
+    factor = getattr(o, "divergence_factor", DIVERGENCE_FACTOR)
+    recent = collections.deque(maxlen=100)
     for step in range(run.start_step, run.total):
         lr = lr_at_step(step, run.total, run.warmup, run.lr, o.min_lr)
-        loss, images = train_step(
-            run.model, batches, run.optimizer, run.scaler, step=step, lr=lr, accum=run.accum, seed=o.seed,
-            rank=run.rank, mask_ratio=o.mask_ratio, complementary=o.complementary, amp_dtype=run.amp_dtype,
-        )
+        try:
+            loss, images = train_step(
+                run.model, batches, run.optimizer, run.scaler, step=step, lr=lr, accum=run.accum, seed=o.seed,
+                rank=run.rank, mask_ratio=o.mask_ratio, complementary=o.complementary, amp_dtype=run.amp_dtype,
+            )
+        except PretrainError as e:
+            raise PretrainError(f"{e}. {_kept(ckpt, saved)}") from None
         yield step, loss, lr, images
         done = step + 1
+        if factor and len(recent) >= 10 and loss > factor * statistics.median(recent):
+            raise PretrainError(
+                f"training diverged at step {done}: the loss {loss:.4g} is over {factor:g} times the median "
+                f"{statistics.median(recent):.4g} of the last {len(recent)} steps (--divergence-factor). {_kept(ckpt, saved)}"
+            )
+        recent.append(loss)
         stop = o.stop_at is not None and done >= o.stop_at
         if run.rank == 0 and (done % o.checkpoint_every == 0 or done == run.total or stop):
-            ckpt = save_checkpoints(o.output, run.raw_model, run.optimizer, run.scaler, done, vars(o), o.keep_last)
+            bad = nonfinite_tensors(run.raw_model, run.optimizer)
+            if bad:
+                raise PretrainError(
+                    f"training diverged by step {done}: {bad[0]} holds NaN or infinity ({len(bad)} tensors); "
+                    f"not saved. {_kept(ckpt, saved)}"
+                )
+            numbered = save_checkpoints(o.output, run.raw_model, run.optimizer, run.scaler, done, vars(o), o.keep_last)
+            saved = done
             vis = os.path.join(o.output, "vis", f"step_{done:06d}.png")
-            logger.info(f"saved {ckpt} (and checkpoint.pth) and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
+            logger.info(f"saved {numbered} (and checkpoint.pth) and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
         if stop:
             logger.info(f"stopping after step {done} (--stop-at); continue with --resume")
             return

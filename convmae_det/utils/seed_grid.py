@@ -144,15 +144,13 @@ def run_cell(args, name: str, config: str, weights: str, labeled: int, seed: int
         if old.get("fingerprint") == key:
             echo_copypaste(name, labeled, seed, out)
             return dict(old, how=f"read from {result_file} (run {old['finished']})")
-    if os.path.isdir(out):  # a stale or interrupted cell: start it afresh
-        for f in ("metrics.json", "result.json", "last_checkpoint"):
-            if os.path.exists(os.path.join(out, f)):
-                os.remove(os.path.join(out, f))
+    if os.path.exists(result_file):  # a stale cell: train_net's --overwrite removes the rest of it
+        os.remove(result_file)
     os.makedirs(out, exist_ok=True)
     logger.info(f"{name} n={labeled} seed={seed}: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(os.path.join(out, "stdout.log"), "w") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        rc = subprocess.call(cmd + ["--overwrite"], stdout=log, stderr=subprocess.STDOUT, env=_child_env())
     if rc != 0:
         raise RuntimeError(f"finetune {name} n={labeled} seed={seed} failed (exit {rc}); see {out}/stdout.log")
     result = dict(init=name, config=config, weights=weights, labeled=labeled, seed=seed, command=cmd[1:],
