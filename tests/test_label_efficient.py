@@ -109,6 +109,33 @@ def test_seed_grid_runs_each_cell_once_and_tabulates_mean_and_std(tmp_path, monk
     assert len(calls) == 6 and all("pretrained" in out for out, _ in calls)
 
 
+def test_seed_grid_sem_seg_task_reads_miou_and_keeps_the_configs_training_set(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train_net(cmd, stdout, stderr, env):
+        out = cmd[cmd.index("OUTPUT_DIR") + 1]
+        seed = int(cmd[cmd.index("SEED") + 1])
+        calls.append(cmd)
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            f.write(json.dumps({"sem_seg/mIoU": 20.0 + 2 * seed, "sem_seg/fwIoU": 70.0, "sem_seg/mACC": 30.0,
+                                "sem_seg/pACC": 80.0 + seed}) + "\n")
+        return 0
+
+    monkeypatch.setattr(seed_grid.subprocess, "call", fake_train_net)
+    seg = os.path.join(os.path.dirname(TINY), "sem_seg_convmae_tiny_shapes.yaml")
+    rows = seed_grid.main(["--task", "sem_seg", "--out", str(tmp_path / "g"), "--seeds", "0", "1", "2", "--init", f"random={seg}"])
+    assert len(calls) == 3 and not any("DATASETS.TRAIN" in c for c in calls)
+    assert rows[0]["sem_seg/mIoU mean"] == pytest.approx(22.0) and rows[0]["sem_seg/mIoU std"] == pytest.approx(2.0)
+    table = open(tmp_path / "g" / "grid.md").read()
+    assert "| init | labeled images | seeds | mIoU | fwIoU | mACC | pACC | mIoU per seed | how |" in table
+    assert "| random | all (config) | 3 | 22.00 ± 2.00 | 70.00 ± 0.00 | 30.00 ± 0.00 | 81.00 ± 1.00 | 20.00, 22.00, 24.00 |" in table
+    assert os.path.isdir(tmp_path / "g" / "random_s1")
+    partial = tmp_path / "metrics.json"
+    partial.write_text(json.dumps({"sem_seg/mIoU": 1, "sem_seg/fwIoU": 2}) + "\n")
+    with pytest.raises(RuntimeError, match=r"has no \['sem_seg/mACC', 'sem_seg/pACC'\]"):
+        seed_grid.final_metrics(str(partial), seed_grid.TASKS["sem_seg"][0])
+
+
 def test_seed_grid_rejects_bad_arguments(tmp_path):
     cmd = [sys.executable, tool("seed_grid.py"), "--out", str(tmp_path), "--labeled", "0", "--init", "a=" + TINY]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
