@@ -115,6 +115,8 @@ def test_seed_grid_sem_seg_task_reads_miou_and_keeps_the_configs_training_set(tm
     def fake_train_net(cmd, stdout, stderr, env):
         out = cmd[cmd.index("OUTPUT_DIR") + 1]
         seed = int(cmd[cmd.index("SEED") + 1])
+        # the flag before the KEY VALUE overrides (train_net's opts take the rest of the line)
+        assert cmd.index("--overwrite") < cmd.index("SEED") and cmd[-2:] != ["--overwrite"]
         calls.append(cmd)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             f.write(json.dumps({"sem_seg/mIoU": 20.0 + 2 * seed, "sem_seg/fwIoU": 70.0, "sem_seg/mACC": 30.0,

@@ -118,6 +118,10 @@ def final_metrics(metrics_file: str, metrics=METRICS) -> Dict[str, float]:
     return found
 
 
+def _cell(name: str, labeled, seed: int) -> str:
+    return f"{name} seed={seed}" if labeled is None else f"{name} n={labeled} seed={seed}"
+
+
 def echo_copypaste(name: str, labeled: int, seed: int, out: str) -> None:
     """Repeat the run's detectron2 "copypaste:" lines (they are in its stdout.log)."""
     try:
@@ -126,7 +130,7 @@ def echo_copypaste(name: str, labeled: int, seed: int, out: str) -> None:
     except OSError:
         return
     for line in lines:
-        logger.info(f"[{name} n={labeled} seed={seed}] {line[line.index('copypaste:'):]}")
+        logger.info(f"[{_cell(name, labeled, seed)}] {line[line.index('copypaste:'):]}")
 
 
 def _child_env() -> Dict[str, str]:
@@ -146,7 +150,9 @@ def _child_env() -> Dict[str, str]:
 
 def run_cell(args, name: str, config: str, weights: str, labeled: int, seed: int) -> Dict:
     out = os.path.join(args.out, f"{name}_s{seed}" if labeled is None else f"{name}_n{labeled}_s{seed}")
-    cmd = [sys.executable, "-m", TRAIN_NET, "--config-file", config]
+    # --overwrite: a stale cell is started over (train_net refuses a used OUTPUT_DIR); before the
+    # KEY VALUE overrides, which take the rest of the command line
+    cmd = [sys.executable, "-m", TRAIN_NET, "--config-file", config, "--overwrite"]
     if labeled is not None:
         cmd += ["DATASETS.TRAIN", f'("convmae_shapes_train_{labeled}",)']
     cmd += ["SEED", str(seed), "OUTPUT_DIR", out]
@@ -164,12 +170,12 @@ def run_cell(args, name: str, config: str, weights: str, labeled: int, seed: int
     if os.path.exists(result_file):  # a stale cell: train_net's --overwrite removes the rest of it
         os.remove(result_file)
     os.makedirs(out, exist_ok=True)
-    logger.info(f"{name} n={labeled} seed={seed}: {' '.join(cmd[1:])}")
+    logger.info(f"{_cell(name, labeled, seed)}: {' '.join(cmd[1:])}")
     t0 = time.time()
     with open(os.path.join(out, "stdout.log"), "w") as log:
-        rc = subprocess.call(cmd + ["--overwrite"], stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
     if rc != 0:
-        raise RuntimeError(f"finetune {name} n={labeled} seed={seed} failed (exit {rc}); see {out}/stdout.log")
+        raise RuntimeError(f"finetune {_cell(name, labeled, seed)} failed (exit {rc}); see {out}/stdout.log")
     result = dict(init=name, config=config, weights=weights, labeled=labeled, seed=seed, command=cmd[1:],
                   fingerprint=key, seconds=round(time.time() - t0, 1),
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"),
