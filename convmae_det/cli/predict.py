@@ -4,8 +4,8 @@
       --input a.jpg b.png --output predictions/ [--score-thresh 0.5] [KEY VALUE ...]
   (from a clone: python tools/predict.py ...)
 
-Writes one PNG per input (same stem) with boxes, masks and class names drawn by detectron2's
-Visualizer, and OUTPUT/log.txt. Class names come from the first dataset in DATASETS.TEST. The
+Writes one PNG per input (same stem) with boxes, masks and class names (a semantic
+segmentation config: per-pixel classes) drawn by detectron2's Visualizer, and OUTPUT/log.txt. Class names come from the first dataset in DATASETS.TEST. The
 weights must fit the whole model and are read without running code from them (--allow-pickle
 to trust them); an input that is not a readable image is reported and skipped (exit status 1
 at the end).

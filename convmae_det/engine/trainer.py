@@ -398,8 +398,9 @@ def build_predictor(cfg, allow_pickle: bool = False) -> DefaultPredictor:
 
 
 def predict_images(predictor: DefaultPredictor, paths: List[str], output_dir: str, metadata=None) -> List[str]:
-    """Draw the predictions on each image file into ``output_dir`` (one PNG per input, same stem),
-    printing a line per input. A file that is not a readable image is reported and skipped;
+    """Draw the predictions on each image file into ``output_dir`` (one PNG per input, same stem):
+    instances (boxes, masks, class names), or per-pixel classes for a semantic segmentation
+    model; a line per input. A file that is not a readable image is reported and skipped;
     returns those paths."""
     os.makedirs(output_dir, exist_ok=True)
     fmt = predictor.input_format
@@ -411,10 +412,18 @@ def predict_images(predictor: DefaultPredictor, paths: List[str], output_dir: st
             logger.warning(f"{path}: skipped, not a readable image ({type(e).__name__}: {e})")
             failed.append(path)
             continue
-        # the ROI heads already dropped the detections under SCORE_THRESH_TEST
-        instances = predictor(img)["instances"]
+        pred = predictor(img)
         rgb = img if fmt == "RGB" else img[:, :, ::-1]
         out = os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
+        if "sem_seg" in pred:
+            labels = pred["sem_seg"].argmax(dim=0).to("cpu")
+            Image.fromarray(draw_sem_seg(rgb, labels, metadata)).save(out)
+            names = list(metadata.get("stuff_classes", None) or []) if metadata is not None else []
+            found = [names[i] if i < len(names) else str(i) for i in torch.unique(labels).tolist()]
+            logger.info(f"{path}: classes {', '.join(found)} -> {out}")
+            continue
+        # the ROI heads already dropped the detections under SCORE_THRESH_TEST
+        instances = pred["instances"]
         Image.fromarray(draw_predictions(rgb, instances, metadata)).save(out)
         logger.info(f"{path}: {len(instances)} instances -> {out}")
     return failed
