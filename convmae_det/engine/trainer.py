@@ -123,9 +123,19 @@ def add_safety_arguments(parser, overwrite: bool = True) -> None:
                             help="start a new run in an OUTPUT_DIR that holds one: its checkpoints, metrics, events and logs are removed")
 
 
-# a new training run refuses an OUTPUT_DIR holding one of these; --overwrite also removes the leftovers
+# a new training run refuses an OUTPUT_DIR holding one of these (a checkpoint or a metrics.json with
+# content among them: _holds_results); --overwrite also removes the leftovers
 RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "events.out.tfevents.*")
 RUN_LEFTOVERS = ("log.txt", "log.txt.rank*", "inference", "vis")
+
+
+def _holds_results(path: str) -> bool:
+    """Whether a file of RUN_FILES holds what a run produced: any checkpoint, a metrics.json
+    with content; the event files count only beside those."""
+    name = os.path.basename(path)
+    if name.startswith("events.out.tfevents."):
+        return False
+    return name != "metrics.json" or os.path.getsize(path) > 0
 
 
 def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_only: bool = False) -> None:
@@ -140,7 +150,9 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_o
     if resume or eval_only:
         return
     found = sorted({p for pattern in RUN_FILES for p in glob.glob(os.path.join(output_dir, pattern))})
-    if not found:
+    if not any(_holds_results(p) for p in found):
+        # nothing but the writers' empty files of a run that failed before its first logged
+        # iteration (a bad MODEL.WEIGHTS, say): no earlier run to protect
         return
     if not overwrite:
         shown = ", ".join(os.path.basename(p) for p in found[:4]) + (", ..." if len(found) > 4 else "")
@@ -333,19 +345,23 @@ def adopt_periodic_checkpoints(hook, output_dir: str) -> None:
     hook.recent_checkpoints = sorted(glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")))
 
 
-def load_eval_weights(cfg, model, resume: bool = False, allow_pickle: bool = False) -> None:
+def load_eval_weights(cfg, model, resume: bool = False, allow_pickle: bool = False, *,
+                      weights: str = None, output_dir: str = None, weights_key: str = "MODEL.WEIGHTS") -> None:
     """Load the weights that ``--eval-only`` evaluates into ``model``: OUTPUT_DIR's last checkpoint
     with ``resume`` (when there is one), else MODEL.WEIGHTS; read safely, and they must fit the
-    whole model. Evaluating without weights (a random model) is an error."""
-    checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, allow_pickle=allow_pickle, complete=True)
-    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
+    whole model. Evaluating without weights (a random model) is an error. A LazyConfig passes
+    ``cfg=None`` with ``weights`` (its ``train.init_checkpoint``) and ``output_dir``."""
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    output_dir = cfg.OUTPUT_DIR if output_dir is None else output_dir
+    checkpointer = SafeCheckpointer(model, output_dir, allow_pickle=allow_pickle, complete=True, source=weights_key)
+    if not weights and not (resume and checkpointer.has_checkpoint()):
         raise CheckpointError(
-            "--eval-only needs the weights to evaluate: MODEL.WEIGHTS path/to/model_final.pth "
-            "(or --resume with a checkpoint in OUTPUT_DIR); without them it would evaluate a random model"
+            f"--eval-only needs the weights to evaluate: {weights_key} path/to/model_final.pth "
+            "(or --resume with a checkpoint in the output folder); without them it would evaluate a random model"
         )
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist")
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights_key} {weights!r} does not exist")
+    checkpointer.resume_or_load(weights, resume=resume)
 
 
 def build_predictor(cfg, allow_pickle: bool = False) -> DefaultPredictor:
