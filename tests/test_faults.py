@@ -446,6 +446,26 @@ def test_16_bit_and_palette_images_are_scaled_not_clipped(tmp_path):
     assert np.abs(palette[..., 0].astype(int) - values // 257).max() <= 1
 
 
+def test_16_bit_images_in_a_dataset_are_named_not_clipped(tmp_path):
+    """detectron2's reader (detection and semantic labels) would clip them: refused up front."""
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "a16.png")
+    Image.fromarray((values // 257).astype(np.uint8)).convert("RGB").save(tmp_path / "b8.png")
+    dicts = [dict(file_name=str(tmp_path / n), width=32, height=32) for n in ("b8.png", "a16.png")]
+    with pytest.raises(DatasetError, match=r"image .*a16.png is a I;16 \(16-bit or float\) image, which detectron2's reader clips"):
+        data_checks.check_image_files(dicts, ["d16"])
+
+
+def test_resume_with_overwrite_is_an_error_without_traceback(two_iterations, tmp_path):
+    out = tmp_path / "used"
+    shutil.copytree(two_iterations, out)
+    cmd = [sys.executable, tool("train_net.py"), "--config-file", TINY, "--resume", "--overwrite", "OUTPUT_DIR", str(out),
+           "MODEL.DEVICE", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "--resume continues the run in OUTPUT_DIR and --overwrite removes it" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(os.listdir(out)) == sorted(os.listdir(two_iterations))
+
+
 def test_numeric_arguments_out_of_range_are_refused(pretrain_tool, capsys):
     for bad in (["--batch-size", "0"], ["--checkpoint-every", "0"], ["--steps", "-3"], ["--mask-ratio", "1"]):
         with pytest.raises(SystemExit):

@@ -38,6 +38,7 @@ from ..utils.visualize import draw_predictions
 __all__ = [
     "setup_cfg",
     "Trainer",
+    "OptionError",
     "add_safety_arguments",
     "adopt_periodic_checkpoints",
     "build_predictor",
@@ -129,6 +130,10 @@ RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "events.out.tfeve
 RUN_LEFTOVERS = ("log.txt", "log.txt.rank*", "inference", "vis")
 
 
+class OptionError(ValueError):
+    """Command-line options that contradict each other."""
+
+
 def _holds_results(path: str) -> bool:
     """Whether a file of RUN_FILES holds what a run produced: any checkpoint, a metrics.json
     with content; the event files count only beside those."""
@@ -144,7 +149,7 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_o
     with an earlier run's checkpoints, metrics or events, which it would overwrite and mix
     with its own, unless ``overwrite``, which removes them and the earlier logs first."""
     if resume and overwrite:
-        raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite removes it: give one of them")
+        raise OptionError("--resume continues the run in OUTPUT_DIR and --overwrite removes it: give one of them")
     if comm.is_main_process():
         remove_stale_temp_files(output_dir)
     if resume or eval_only:
@@ -170,14 +175,14 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_o
 
 def exit_on_user_error(main):
     """Decorator of a tool's ``main``: an error the user fixes (a file, an option, a config value:
-    :class:`CheckpointError`, :class:`DatasetError`, a missing or existing file) ends the run with
-    its message, not a traceback."""
+    :class:`CheckpointError`, :class:`DatasetError`, :class:`OptionError`, a missing or existing
+    file) ends the run with its message, not a traceback."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as e:
+        except (CheckpointError, DatasetError, OptionError, FileNotFoundError, FileExistsError) as e:
             raise SystemExit(f"error: {e}") from e
 
     return run
