@@ -148,6 +148,13 @@ def test_a_new_run_refuses_a_used_output_dir(two_iterations, tmp_path):
     (out / ".model_final.pth.tmp999999999").write_bytes(b"half")  # a write killed mid-way
     prepare_output_dir(str(out), resume=False, overwrite=True)
     assert os.listdir(out) == []
+    # what a run that failed before its first logged iteration leaves (its writers' empty files)
+    # is no earlier run: the next start is not refused
+    failed = tmp_path / "failed_start"
+    failed.mkdir()
+    (failed / "metrics.json").write_bytes(b"")
+    (failed / "events.out.tfevents.1.vm.1.0").write_bytes(b"header")
+    prepare_output_dir(str(failed), resume=False, overwrite=False)
 
 
 def test_train_net_refuses_a_used_output_dir_and_keeps_model_final(two_iterations, tmp_path):
@@ -439,6 +446,26 @@ def test_16_bit_and_palette_images_are_scaled_not_clipped(tmp_path):
     assert np.abs(palette[..., 0].astype(int) - values // 257).max() <= 1
 
 
+def test_16_bit_images_in_a_dataset_are_named_not_clipped(tmp_path):
+    """detectron2's reader (detection and semantic labels) would clip them: refused up front."""
+    values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "a16.png")
+    Image.fromarray((values // 257).astype(np.uint8)).convert("RGB").save(tmp_path / "b8.png")
+    dicts = [dict(file_name=str(tmp_path / n), width=32, height=32) for n in ("b8.png", "a16.png")]
+    with pytest.raises(DatasetError, match=r"image .*a16.png is a I;16 \(16-bit or float\) image, which detectron2's reader clips"):
+        data_checks.check_image_files(dicts, ["d16"])
+
+
+def test_resume_with_overwrite_is_an_error_without_traceback(two_iterations, tmp_path):
+    out = tmp_path / "used"
+    shutil.copytree(two_iterations, out)
+    cmd = [sys.executable, tool("train_net.py"), "--config-file", TINY, "--resume", "--overwrite", "OUTPUT_DIR", str(out),
+           "MODEL.DEVICE", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and "--resume continues the run in OUTPUT_DIR and --overwrite removes it" in r.stderr
+    assert "Traceback" not in r.stderr and sorted(os.listdir(out)) == sorted(os.listdir(two_iterations))
+
+
 def test_numeric_arguments_out_of_range_are_refused(pretrain_tool, capsys):
     for bad in (["--batch-size", "0"], ["--checkpoint-every", "0"], ["--steps", "-3"], ["--mask-ratio", "1"]):
         with pytest.raises(SystemExit):
@@ -460,3 +487,43 @@ def test_the_converter_refuses_an_output_that_is_its_input(tmp_path):
     with pytest.raises(SystemExit, match="refusing to overwrite the input checkpoint"):
         convert["main"]([str(link), str(src), "--config", TINY])
     assert sha(src) == before
+
+
+# --- the LazyConfig (.py) path of train_net: the same refusals ------------------------------------
+def test_lazy_config_path_refuses_payloads_missing_weights_and_a_used_output_dir(data, tmp_path):
+    from convmae_det.cli import train_net
+
+    marker = tmp_path / "RAN"
+    pkl = tmp_path / "weights.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {}, "x": Payload(marker)}, f)
+    out = tmp_path / "lazy"
+
+    def run(*extra, flags=()):
+        return train_net.cli([
+            "--config-file", os.path.join(ROOT, "configs", "Shapes", "mask_rcnn_convmae_tiny_shapes.py"), *flags,
+            "train.device=cpu", f"train.output_dir={out}", "dataloader.train.dataset.names=f_train",
+            "dataloader.test.dataset.names=f_val", "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+            "train.max_iter=1", *extra])
+
+    with pytest.raises(SystemExit, match=r"unsafe content.*--allow-pickle"):  # training from train.init_checkpoint
+        run(f"train.init_checkpoint={pkl}")
+    with pytest.raises(SystemExit, match=r"unsafe content"):  # --eval-only
+        run(f"train.init_checkpoint={pkl}", flags=["--eval-only"])
+    with pytest.raises(SystemExit, match=r"--eval-only needs the weights to evaluate: train.init_checkpoint"):
+        run(flags=["--eval-only"])
+    assert not marker.exists()
+
+    run()  # one iteration and the evaluation: writes model_final.pth atomically
+    final = out / "model_final.pth"
+    before = sha(final)
+    with pytest.raises(SystemExit, match=r"holds an earlier run .*--resume.*--overwrite"):
+        run()
+    assert sha(final) == before
+    with pytest.raises(SystemExit, match=r"unsafe content"):  # --resume reads the last checkpoint safely too
+        torch.save({"model": {}, "x": Payload(marker)}, out / "model_final.pth")
+        run(flags=["--resume"])
+    assert not marker.exists()
+    run(flags=["--overwrite"])  # starts over: the replaced checkpoint is gone, a new one written
+    assert load_checkpoint_file(str(final))["iteration"] == 0
+    assert not [p for p in os.listdir(out) if ".tmp" in p]

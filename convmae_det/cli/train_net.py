@@ -5,7 +5,6 @@
   convmae-train --config-file CONFIG --resume          # continue from last_checkpoint
   convmae-train --config-file CONFIG --overwrite       # start over in an OUTPUT_DIR that holds a run
 (from a clone: python tools/train_net.py ...). Trailing KEY VALUE pairs override the config;
-  python convmae_det/cli/train_net.py --config-file CONFIG --overwrite       # start over in an OUTPUT_DIR that holds a run
 a LazyConfig (CONFIG.py) takes key=value overrides.
 A --config-file that is not a file is looked up among the packaged configs by name
 (COCO/mask_rcnn_convmae_base_25ep.yaml, or with a leading configs/).

@@ -49,12 +49,18 @@ def cache_dir() -> str:
 
 
 def verify_image(path: str, width: Optional[int] = None, height: Optional[int] = None) -> Tuple[Optional[str], Tuple[int, int]]:
-    """(problem or None, (width, height)) of an image file: it must decode to the end (a JPEG at
-    reduced scale, which still reads every byte) and, when given, have the ``width`` x ``height``
+    """(problem or None, (width, height)) of an image file: it must be 8-bit (detectron2's reader
+    would clip a 16-bit or float one), decode to the end (a JPEG at reduced scale, which still
+    reads every byte) and, when given, have the ``width`` x ``height``
     that detectron2's ``read_image`` gives it (after the EXIF orientation)."""
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                return (
+                    f"is a {im.mode} (16-bit or float) image, which detectron2's reader clips to 255 (white): "
+                    "convert it to 8 bits (16-bit values / 257)"
+                ), (w, h)
             if im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated by 90 degrees
                 w, h = h, w
             if im.format == "JPEG":

@@ -8,6 +8,15 @@ yacs config: AMPTrainer or SimpleTrainer, detectron2's hooks, convmae_det's COCO
 built-in dataset generated on first use, image files and ``train.init_checkpoint`` checked
 before anything runs, the same CPU fallback. Overrides are ``key=value``
 (:meth:`LazyConfig.apply_overrides`), checked against the config's keys.
+
+It has the yacs path's protections: ``train.output_dir`` holding an earlier run is refused
+unless ``--resume`` or ``--overwrite``; weights are read by
+:class:`~convmae_det.checkpoint.SafeCheckpointer` (no code runs from them unless
+``--allow-pickle``, they must fit, checkpoints are written atomically); ``--eval-only`` needs
+weights. ``--resume`` restores the model, the optimizer (and AMP grad scaler), the LR
+scheduler and the iteration, but not the data stream: detectron2's training loader of
+``dataloader.train`` starts its sampler over, so a resumed run sees other batches than the
+uninterrupted one would have (the yacs path's resume is exact).
 """
 import inspect
 import logging
@@ -16,7 +25,6 @@ from pydoc import locate
 from typing import List, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, default_setup, default_writers, hooks
@@ -25,10 +33,18 @@ from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..checkpoint import SafeCheckpointer
 from ..data import prepare_builtin_datasets, register_coco_datasets
 from ..solver import use_fused_optimizer
 from ..utils.logger import setup_logging
-from .trainer import adopt_periodic_checkpoints, check_image_files, check_weights_fit, draw_prediction_images
+from .trainer import (
+    adopt_periodic_checkpoints,
+    check_image_files,
+    check_weights_fit,
+    draw_prediction_images,
+    load_eval_weights,
+    prepare_output_dir,
+)
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -244,9 +260,10 @@ def do_test(cfg: DictConfig, model: torch.nn.Module):
     return results
 
 
-def do_train(cfg: DictConfig, resume: bool = False):
-    """Train as detectron2's lazyconfig_train_net.py does (and DefaultTrainer for yacs); return the
-    last evaluation's results and the (possibly DDP-wrapped) model."""
+def do_train(cfg: DictConfig, resume: bool = False, allow_pickle: bool = False):
+    """Train as detectron2's lazyconfig_train_net.py does (and DefaultTrainer for yacs), with
+    checkpoints read and written by the SafeCheckpointer; return the last evaluation's results
+    and the (possibly DDP-wrapped) model."""
     prepare_builtin_datasets(_dataset_names(cfg.dataloader.train) + _dataset_names(cfg.dataloader.test))
     model = instantiate(cfg.model)
     logger.info(f"Model:\n{model}")
@@ -255,7 +272,9 @@ def do_train(cfg: DictConfig, resume: bool = False):
     train_loader = instantiate_loader(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeCheckpointer(
+        model, cfg.train.output_dir, allow_pickle=allow_pickle, source="train.init_checkpoint", trainer=trainer
+    )
     last = {}
 
     def test_and_keep():
@@ -275,7 +294,7 @@ def do_train(cfg: DictConfig, resume: bool = False):
         if comm.is_main_process() else None,
     ])
     if not (resume and checkpointer.has_checkpoint()):
-        check_weights_fit(model, cfg.train.init_checkpoint)
+        check_weights_fit(model, cfg.train.init_checkpoint, allow_pickle)
     checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
     start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
@@ -301,20 +320,24 @@ def main_lazy(args):
     """``tools/train_net.py --config-file X.py``: train (or ``--eval-only``) a LazyConfig."""
     try:
         register_coco_datasets(args.register)  # --register NAME JSON IMAGE_ROOT
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(str(e))
     cfg = load_lazy_config(args.config_file, args.opts)
+    allow_pickle = getattr(args, "allow_pickle", False)
+    prepare_output_dir(
+        cfg.train.output_dir, resume=args.resume, overwrite=getattr(args, "overwrite", False), eval_only=args.eval_only
+    )
     default_setup(cfg, args)
     setup_logging(cfg.train.output_dir, comm.get_rank())
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        check_weights_fit(model, cfg.train.init_checkpoint)
-        DetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-            cfg.train.init_checkpoint, resume=args.resume
+        load_eval_weights(
+            None, model, resume=args.resume, allow_pickle=allow_pickle, weights=cfg.train.init_checkpoint,
+            output_dir=cfg.train.output_dir, weights_key="train.init_checkpoint",
         )
         res = do_test(cfg, model)
     else:
-        res, model = do_train(cfg, resume=args.resume)
+        res, model = do_train(cfg, resume=args.resume, allow_pickle=allow_pickle)
     _visualize(cfg, model)
     return res

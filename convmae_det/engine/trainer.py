@@ -42,6 +42,7 @@ from ..utils.visualize import draw_predictions, draw_sem_seg
 __all__ = [
     "setup_cfg",
     "Trainer",
+    "OptionError",
     "add_safety_arguments",
     "adopt_periodic_checkpoints",
     "build_predictor",
@@ -146,9 +147,23 @@ def add_safety_arguments(parser, overwrite: bool = True) -> None:
                             help="start a new run in an OUTPUT_DIR that holds one: its checkpoints, metrics, events and logs are removed")
 
 
-# a new training run refuses an OUTPUT_DIR holding one of these; --overwrite also removes the leftovers
+# a new training run refuses an OUTPUT_DIR holding one of these (a checkpoint or a metrics.json with
+# content among them: _holds_results); --overwrite also removes the leftovers
 RUN_FILES = ("last_checkpoint", "model_*.pth", "metrics.json", "events.out.tfevents.*")
 RUN_LEFTOVERS = ("log.txt", "log.txt.rank*", "inference", "vis")
+
+
+class OptionError(ValueError):
+    """Command-line options that contradict each other."""
+
+
+def _holds_results(path: str) -> bool:
+    """Whether a file of RUN_FILES holds what a run produced: any checkpoint, a metrics.json
+    with content; the event files count only beside those."""
+    name = os.path.basename(path)
+    if name.startswith("events.out.tfevents."):
+        return False
+    return name != "metrics.json" or os.path.getsize(path) > 0
 
 
 def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_only: bool = False) -> None:
@@ -157,13 +172,15 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_o
     with an earlier run's checkpoints, metrics or events, which it would overwrite and mix
     with its own, unless ``overwrite``, which removes them and the earlier logs first."""
     if resume and overwrite:
-        raise ValueError("--resume continues the run in OUTPUT_DIR and --overwrite removes it: give one of them")
+        raise OptionError("--resume continues the run in OUTPUT_DIR and --overwrite removes it: give one of them")
     if comm.is_main_process():
         remove_stale_temp_files(output_dir)
     if resume or eval_only:
         return
     found = sorted({p for pattern in RUN_FILES for p in glob.glob(os.path.join(output_dir, pattern))})
-    if not found:
+    if not any(_holds_results(p) for p in found):
+        # nothing but the writers' empty files of a run that failed before its first logged
+        # iteration (a bad MODEL.WEIGHTS, say): no earlier run to protect
         return
     if not overwrite:
         shown = ", ".join(os.path.basename(p) for p in found[:4]) + (", ..." if len(found) > 4 else "")
@@ -181,14 +198,14 @@ def prepare_output_dir(output_dir: str, *, resume: bool, overwrite: bool, eval_o
 
 def exit_on_user_error(main):
     """Decorator of a tool's ``main``: an error the user fixes (a file, an option, a config value:
-    :class:`CheckpointError`, :class:`DatasetError`, a missing or existing file) ends the run with
-    its message, not a traceback."""
+    :class:`CheckpointError`, :class:`DatasetError`, :class:`OptionError`, a missing or existing
+    file) ends the run with its message, not a traceback."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except (CheckpointError, DatasetError, FileNotFoundError, FileExistsError) as e:
+        except (CheckpointError, DatasetError, OptionError, FileNotFoundError, FileExistsError) as e:
             raise SystemExit(f"error: {e}") from e
 
     return run
@@ -365,19 +382,23 @@ def adopt_periodic_checkpoints(hook, output_dir: str) -> None:
     hook.recent_checkpoints = sorted(glob.glob(os.path.join(output_dir, "model_[0-9]*.pth")))
 
 
-def load_eval_weights(cfg, model, resume: bool = False, allow_pickle: bool = False) -> None:
+def load_eval_weights(cfg, model, resume: bool = False, allow_pickle: bool = False, *,
+                      weights: str = None, output_dir: str = None, weights_key: str = "MODEL.WEIGHTS") -> None:
     """Load the weights that ``--eval-only`` evaluates into ``model``: OUTPUT_DIR's last checkpoint
     with ``resume`` (when there is one), else MODEL.WEIGHTS; read safely, and they must fit the
-    whole model. Evaluating without weights (a random model) is an error."""
-    checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, allow_pickle=allow_pickle, complete=True)
-    if not cfg.MODEL.WEIGHTS and not (resume and checkpointer.has_checkpoint()):
+    whole model. Evaluating without weights (a random model) is an error. A LazyConfig passes
+    ``cfg=None`` with ``weights`` (its ``train.init_checkpoint``) and ``output_dir``."""
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    output_dir = cfg.OUTPUT_DIR if output_dir is None else output_dir
+    checkpointer = SafeCheckpointer(model, output_dir, allow_pickle=allow_pickle, complete=True, source=weights_key)
+    if not weights and not (resume and checkpointer.has_checkpoint()):
         raise CheckpointError(
-            "--eval-only needs the weights to evaluate: MODEL.WEIGHTS path/to/model_final.pth "
-            "(or --resume with a checkpoint in OUTPUT_DIR); without them it would evaluate a random model"
+            f"--eval-only needs the weights to evaluate: {weights_key} path/to/model_final.pth "
+            "(or --resume with a checkpoint in the output folder); without them it would evaluate a random model"
         )
-    if cfg.MODEL.WEIGHTS and "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
-        raise FileNotFoundError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} does not exist")
-    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"{weights_key} {weights!r} does not exist")
+    checkpointer.resume_or_load(weights, resume=resume)
 
 
 def build_predictor(cfg, allow_pickle: bool = False) -> DefaultPredictor:
