@@ -130,6 +130,16 @@ def _ensure_files(name: str, spec: ShapesSpec = None, check: bool = False) -> No
         write_sem_seg_labels(root, _sem_seg_split(name))
 
 
+def _sem_seg_metadata() -> dict:
+    """The metadata of the built-in semantic splits, besides their folders."""
+    return dict(
+        stuff_classes=list(SEM_SEG_CLASSES),
+        stuff_colors=[list(c) for c in SEM_SEG_COLORS],
+        ignore_label=SEM_SEG_IGNORE,
+        evaluator_type="sem_seg",
+    )
+
+
 def _register_lazy(name: str) -> None:
     if name in BUILTIN_SHAPES_SEM_SEG:
 
@@ -138,13 +148,7 @@ def _register_lazy(name: str) -> None:
             return load_shapes_sem_seg(shapes_root(), _sem_seg_split(name))
 
         DatasetCatalog.register(name, load)
-        MetadataCatalog[name] = _ShapesMetadata(
-            name=name,
-            stuff_classes=list(SEM_SEG_CLASSES),
-            stuff_colors=[list(c) for c in SEM_SEG_COLORS],
-            ignore_label=SEM_SEG_IGNORE,
-            evaluator_type="sem_seg",
-        )
+        MetadataCatalog[name] = _ShapesMetadata(name=name, **_sem_seg_metadata())
         return
 
     def load():
@@ -180,12 +184,8 @@ def register_builtin_shapes(root: str = None) -> None:
         else:
             DatasetCatalog.register(name, lambda r=root, s=split: load_shapes_sem_seg(r, s))
             MetadataCatalog.get(name).set(
-                stuff_classes=list(SEM_SEG_CLASSES),
-                stuff_colors=[list(c) for c in SEM_SEG_COLORS],
-                ignore_label=SEM_SEG_IGNORE,
-                evaluator_type="sem_seg",
-                image_root=os.path.join(root, split),
-                sem_seg_root=os.path.join(root, "sem_seg", split),
+                image_root=os.path.join(root, split), sem_seg_root=os.path.join(root, "sem_seg", split),
+                **_sem_seg_metadata(),
             )
 
 

@@ -21,6 +21,7 @@ from detectron2.utils import comm
 from PIL import Image
 
 from ..utils.fileio import atomic_write
+from .mapper import is_sem_seg
 
 __all__ = ["DatasetError", "cache_dir", "check_image_files", "check_num_classes", "load_coco_json_named", "verify_image"]
 
@@ -150,7 +151,7 @@ def check_num_classes(cfg, names: Sequence[str]) -> None:
     ``thing_classes`` for a detector, ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` against
     ``stuff_classes`` for a SemanticSegmentor (labels past the head's classes would crash the
     loss mid-training, fewer would leave classes unscored)."""
-    if cfg.MODEL.META_ARCHITECTURE == "SemanticSegmentor":
+    if is_sem_seg(cfg):
         key, field, n = "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "stuff_classes", cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     else:
         key, field, n = "MODEL.ROI_HEADS.NUM_CLASSES", "thing_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES
