@@ -22,8 +22,12 @@ PRETRAIN_LR ?= 5e-4
 SEEDS ?= 0
 export DETECTRON2_DATASETS ?= datasets
 # upstream detectron2 (see ../shared/vendor/README.md): main's Python sources, v0.6's tests
-D2_MAIN_SRC ?= ../shared/vendor/detectron2-main
-D2_V06_TESTS ?= ../shared/vendor/detectron2-v0.6-tests/tests
+# ../shared/vendor beside the checkout, else beside the repository it was cloned from (a clone
+# in a temporary folder of the project's checkout)
+SHARED_VENDOR ?= $(firstword $(wildcard ../shared/vendor) \
+	$(wildcard $(dir $(realpath $(shell git config --get remote.origin.url 2>/dev/null)))shared/vendor) ../shared/vendor)
+D2_MAIN_SRC ?= $(SHARED_VENDOR)/detectron2-main
+D2_V06_TESTS ?= $(SHARED_VENDOR)/detectron2-v0.6-tests/tests
 D2_MAIN := $(abspath $(VENV))/detectron2-main
 D2_V06_SELECT ?= tests/config tests/structures tests/modeling tests/data tests/test_checkpoint.py \
 	tests/test_engine.py tests/test_solver.py tests/test_scheduler.py tests/test_export_torchscript.py tests/test_model_analysis.py
