@@ -69,6 +69,7 @@ setup(
             "convmae-coco-eval-bench=convmae_det.cli.coco_eval_bench:main",
             "convmae-seed-grid=convmae_det.cli.seed_grid:main",
             "convmae-make-shapes=convmae_det.cli.make_shapes_dataset:main",
+            "convmae-probe=convmae_det.cli.probe:main",
         ]
     },
 )

@@ -51,6 +51,9 @@ def add_convmae_config(cfg: CN) -> CN:
     # multi-scale pyramid only: encoder outputs that become p2..p5 (a contiguous run of
     # s4, s8, s16, s32); p6 is a max pool of the last
     _C.MODEL.CONVMAE.PYRAMID.MSFP_IN_FEATURES = ["s4", "s8", "s16", "s32"]
+    # normalise the encoder outputs the pyramid reads: "" (official) or "BN" (BatchNorm without
+    # affine parameters, as MAE's linear probe; removes a pretrained encoder's per-channel offsets)
+    _C.MODEL.CONVMAE.PYRAMID.FEATURE_NORM = ""
 
     # ConvMAEROIHeads: box size that maps to the canonical level p4 (detectron2 fixes 224)
     _C.MODEL.ROI_HEADS.CANONICAL_BOX_SIZE = 224

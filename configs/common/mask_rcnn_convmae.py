@@ -61,6 +61,7 @@ model = L(GeneralizedRCNN)(
         top_block=L(last_level_max_pool)(in_feature="p5"),  # p6, as build_convmae_sfp_backbone
         norm="LN",
         square_pad=1024,
+        feature_norm="",  # MODEL.CONVMAE.PYRAMID.FEATURE_NORM: "BN" standardises s16 first
     ),
     proposal_generator=L(RPN)(
         in_features=["p2", "p3", "p4", "p5", "p6"],

@@ -16,7 +16,9 @@ The effective batch is batch-size x GPUs x accumulation steps.
 Every --checkpoint-every steps (and at the end) OUTPUT/checkpoint-STEP.pth is written and
 OUTPUT/checkpoint.pth (what --resume reads) replaced by it, atomically (official key names under
 "model"; convert either with convmae-convert); the newest --keep-last numbered ones are kept.
-OUTPUT/vis/step_XXXXXX.png shows original / masked / reconstruction rows. Progress goes to the
+OUTPUT/vis/step_XXXXXX.png shows original / masked / reconstruction rows. With --probe-every N
+the frozen encoder is probed (object class from box features) every N steps: OUTPUT/probe.jsonl
+and OUTPUT/probe.png (accuracy against step). Progress goes to the
 console and OUTPUT/log.txt, the loss of every step to OUTPUT/log.jsonl and TensorBoard (OUTPUT/tb).
 The run itself (model, data, steps, checkpoints) is convmae_det.pretrain.engine.
 """
@@ -74,11 +76,19 @@ def get_args(argv=None):
                    help="numbered checkpoints (checkpoint-STEP.pth) to keep, the newest; 0 keeps all (default 2)")
     p.add_argument("--divergence-factor", type=nonnegative_float, default=100.0, help="stop when a step's loss exceeds this many times the median of the last 100 (0: only non-finite losses stop)")
     p.add_argument("--stop-at", type=positive_int, default=None, help="checkpoint and exit after this step, keeping the schedule of --steps (time-limited jobs)")
+    p.add_argument("--probe-every", type=nonnegative_int, default=0, metavar="N",
+                   help="every N steps (and at step 0 and the end) classify the objects of --probe-data from the frozen "
+                        "encoder's box features (convmae_det.pretrain.probe): OUTPUT/probe.jsonl and probe.png; 0: off")
+    p.add_argument("--probe-data", default=None, metavar="ROOT",
+                   help="a dataset in the built-in shapes layout (annotations/instances_{train,val}.json, train/, val/)")
+    p.add_argument("--probe-images", type=positive_int, default=300, help="training and validation images the probe reads")
     p.add_argument("--log-every", type=positive_int, default=20)
     p.add_argument("--resume", nargs="?", const="auto", default=None, help="a checkpoint, or OUTPUT/checkpoint.pth if none given")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an OUTPUT that holds one: its checkpoints, logs and TensorBoard events are removed")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     args = p.parse_args(argv)
+    if args.probe_every and not args.probe_data:
+        p.error("--probe-every needs --probe-data ROOT (e.g. datasets/convmae_shapes)")
     if args.keep_last < 0:
         p.error(f"--keep-last {args.keep_last}: must be >= 0 (0 keeps every numbered checkpoint)")
     return args

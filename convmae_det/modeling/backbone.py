@@ -115,6 +115,7 @@ def build_convmae_sfp_backbone(cfg, input_shape: ShapeSpec):
         norm="LN",
         square_pad=c.SQUARE_PAD,
         channels_last=not _uses_reference(cfg),
+        feature_norm=c.PYRAMID.FEATURE_NORM,
     ))
 
 
@@ -131,4 +132,5 @@ def build_convmae_msfp_backbone(cfg, input_shape: ShapeSpec):
         square_pad=c.SQUARE_PAD,
         in_features=in_features,
         channels_last=not _uses_reference(cfg),
+        feature_norm=c.PYRAMID.FEATURE_NORM,
     ))

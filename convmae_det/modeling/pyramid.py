@@ -35,6 +35,7 @@ NormSpec = Union[str, Callable[[int], nn.Module]]
 
 __all__ = [
     "SimpleFeaturePyramid",
+    "feature_norms",
     "last_level_max_pool",
     "MultiScaleSimpleFeaturePyramid",
     "pad_to_square",
@@ -145,13 +146,34 @@ class _Layers:
         return [self.conv(in_dim, out_channels, 1), self.conv(out_channels, out_channels, 3)]
 
 
+FEATURE_NORMS = ("", "BN")
+
+
+def feature_norms(kind: str, channels: Dict[str, int]) -> Optional[nn.ModuleDict]:
+    """Normalisation of the encoder outputs the pyramid reads, per output name: "" none (the
+    official model), "BN" a BatchNorm without affine parameters (per-channel standardisation by
+    batch statistics in training, running ones in eval), as the MAE linear probe normalises
+    frozen features. A pretrained encoder's stage-3 output can carry per-channel offsets far
+    larger than its spatial variation, which the pyramid's 1x1 conv and per-position LayerNorm
+    pass on; this removes them. With several processes each normalises with its own batch."""
+    if kind not in FEATURE_NORMS:
+        raise ValueError(f"feature norm {kind!r} is not one of {list(FEATURE_NORMS)}")
+    if not kind:
+        return None
+    return nn.ModuleDict({name: nn.BatchNorm2d(c, affine=False) for name, c in channels.items()})
+
+
 class _PyramidBase(Backbone):
-    """Shared parts: square padding, input checks, the layout, the top block and the output specs."""
+    """Shared parts: square padding, input checks, the layout, the top block, the feature norm
+    and the output specs."""
 
     def __init__(self, net: nn.Module, out_channels: int, square_pad: int, strides: Sequence[int],
-                 channels_last: bool, top_block: Optional[nn.Module]):
+                 channels_last: bool, top_block: Optional[nn.Module], feature_norm: str = "",
+                 norm_inputs: Sequence[str] = ()):
         super().__init__()
         self.net = net
+        shapes = net.output_shape()
+        self.feature_norm = feature_norms(feature_norm, {f: shapes[f].channels for f in norm_inputs})
         self.top_block = top_block
         self.square_pad = square_pad
         self.channels_last = channels_last
@@ -181,6 +203,13 @@ class _PyramidBase(Backbone):
         if H % d or W % d:
             raise ValueError(f"input {H}x{W}: height and width must be multiples of {d}")
         return x
+
+    def _normalise(self, feats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The encoder outputs with the feature norm applied to those it has (NCHW, any memory
+        format); the others unchanged."""
+        if self.feature_norm is None:
+            return feats
+        return {k: self.feature_norm[k](v) if k in self.feature_norm else v for k, v in feats.items()}
 
     def _run_stages(self, stages, feats):
         """Each stage on its NCHW input feature; channels-last stages take and give B H W C
@@ -223,8 +252,9 @@ class SimpleFeaturePyramid(_PyramidBase):
     ``LastLevelMaxPool()`` for p6) extends the levels, as in detectron2's FPN.
 
     Beyond ViTDet: the input is zero-padded to ``square_pad`` here (detectron2 0.6 does not pad
-    the ImageList for a backbone), ``norm_eps`` sets the LayerNorm's eps, and ``channels_last``
-    picks the layout (default: B H W C where ``norm`` allows, see the module docstring).
+    the ImageList for a backbone), ``norm_eps`` sets the LayerNorm's eps, ``channels_last``
+    picks the layout (default: B H W C where ``norm`` allows, see the module docstring) and
+    ``feature_norm`` ("" or "BN", :func:`feature_norms`) normalises ``in_feature`` first.
     """
 
     def __init__(
@@ -239,6 +269,7 @@ class SimpleFeaturePyramid(_PyramidBase):
         *,
         norm_eps: float = 1e-6,
         channels_last: Optional[bool] = None,
+        feature_norm: str = "",
     ):
         if not callable(getattr(net, "output_shape", None)):
             raise TypeError(f"net must have output_shape() (a detectron2 Backbone or a ConvViT), got {type(net).__name__}")
@@ -251,7 +282,7 @@ class SimpleFeaturePyramid(_PyramidBase):
         _log2_strides(strides, f"scale factors {list(scale_factors)} of a stride-{shapes[in_feature].stride} feature")
         if channels_last is None:
             channels_last = norm in ("LN", "")
-        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block)
+        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block, feature_norm, [in_feature])
         self.in_feature = in_feature
         self.scale_factors = tuple(scale_factors)
         dim = shapes[in_feature].channels
@@ -273,7 +304,7 @@ class SimpleFeaturePyramid(_PyramidBase):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
-        feats = self.net(x)
+        feats = self._normalise(self.net(x))
         feat = feats[self.in_feature]
         return self._finish(self._run_stages(self._stages, [feat] * len(self._stages)), feats)
 
@@ -283,6 +314,7 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
 
     ``in_features`` picks a contiguous run of those levels (e.g. ("s8", "s16", "s32") for
     p3-p6 when small images make p2 a waste of compute); p6 is always a max pool of the last.
+    ``feature_norm`` ("" or "BN", :func:`feature_norms`) normalises each of them first.
     """
 
     LEVELS = ("s4", "s8", "s16", "s32")
@@ -296,6 +328,7 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
         norm_eps: float = 1e-6,
         in_features: Sequence[str] = ("s4", "s8", "s16", "s32"),
         channels_last: bool = True,
+        feature_norm: str = "",
     ):
         in_features = list(in_features)
         idx = [self.LEVELS.index(f) if f in self.LEVELS else -1 for f in in_features]
@@ -307,7 +340,7 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
             raise ValueError(f"the encoder does not output {missing}; build it with out_features={in_features}")
         strides = [shapes[f].stride for f in in_features]
         top_block = last_level_max_pool(f"p{int(math.log2(strides[-1]))}")  # p6 after p5, or after the last level
-        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block)
+        super().__init__(net, out_channels, square_pad, strides, channels_last, top_block, feature_norm, in_features)
         self._in_features = in_features
         L = _Layers(channels_last, norm_eps)
         for name, stride in zip(in_features, strides):
@@ -317,5 +350,5 @@ class MultiScaleSimpleFeaturePyramid(_PyramidBase):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self._prepare(x)
-        feats = self.net(x)
+        feats = self._normalise(self.net(x))
         return self._finish(self._run_stages(self._stages, [feats[name] for name in self._in_features]), feats)

@@ -11,6 +11,9 @@ arguments, the process set-up and the logging, and calls:
   (:func:`save_checkpoints`) and draws a :func:`reconstruction_grid` every ``checkpoint_every``
   steps, at the end and at ``stop_at``;
 - :func:`train_step`: one optimizer step over the micro-batches of gradient accumulation;
+- :func:`log_probe`: with ``probe_every``, the frozen-encoder probe (:mod:`.probe`) at step 0
+  of a new run, every ``probe_every`` steps and at the end, into OUTPUT/probe.jsonl and
+  OUTPUT/probe.png;
 - :func:`prepare_output` and :func:`trim_log`: what an OUTPUT folder may hold.
 
 A diverged run never replaces the checkpoint: a non-finite loss, a loss over
@@ -48,12 +51,14 @@ from ..modeling.masking import grid_of, patch_mean_std, patchify, unpatchify
 from ..utils.fileio import atomic_link, atomic_write, remove_stale_temp_files
 from . import convmae_pretrain
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, ResumableSampler, list_images
+from .probe import load_shapes_probe, plot_probe, read_probe_log, run_probe
 
 __all__ = [
     "PretrainError",
     "Run",
     "build_run",
     "build_optimizer",
+    "log_probe",
     "train",
     "train_step",
     "lr_at_step",
@@ -72,7 +77,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("convmae_det.pretrain")
-RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb")  # with checkpoint-STEP.pth: an earlier run's
+RUN_FILES = ("checkpoint.pth", "log.jsonl", "tb", "probe.jsonl", "probe.png")  # with checkpoint-STEP.pth: an earlier run's
 NUMBERED = re.compile(r"checkpoint-(\d+)\.pth")
 DIVERGENCE_FACTOR = 100.0  # default of --divergence-factor
 
@@ -279,6 +284,7 @@ class Run:
     warmup: int
     lr: float  # peak lr
     start_step: int  # 0, or the resumed checkpoint's step
+    probe: Optional[tuple] = None  # rank 0 with --probe-every: (train, test) ProbeData
 
 
 def build_run(opts, device: torch.device, rank: int = 0, world: int = 1) -> Run:
@@ -328,6 +334,7 @@ def build_run(opts, device: torch.device, rank: int = 0, world: int = 1) -> Run:
         logger.info(f"resumed from {ckpt_path} at step {start_step}")
         if rank == 0:
             trim_log(os.path.join(opts.output, "log.jsonl"), start_step)
+            trim_log(os.path.join(opts.output, "probe.jsonl"), start_step)
     wrapped = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -340,11 +347,29 @@ def build_run(opts, device: torch.device, rank: int = 0, world: int = 1) -> Run:
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=opts.num_workers > 0,
     )
     vis_dataset = ImageFolderDataset(opts.data, vis_transform(opts.img_size), files=files[:: max(1, len(files) // 8)][:8])
+    probe = None
+    if rank == 0 and getattr(opts, "probe_every", 0):
+        probe = load_shapes_probe(opts.probe_data, opts.probe_images)
     if rank == 0:
         with atomic_write(os.path.join(opts.output, "args.json")) as f:
             json.dump(vars(opts), f, indent=1)
     return Run(opts, wrapped, model, optimizer, scaler, amp_dtype, loader, vis_dataset, device, rank, world,
-               len(files), opts.accum_iter, eff_batch, steps_per_epoch, total, warmup, lr, start_step)
+               len(files), opts.accum_iter, eff_batch, steps_per_epoch, total, warmup, lr, start_step, probe)
+
+
+def log_probe(run: Run, step: int) -> dict:
+    """Run the probe (:mod:`.probe`) on the encoder as it is after ``step`` steps (0: the random
+    initialisation), append {"step", "linear", "knn"} to OUTPUT/probe.jsonl and redraw
+    OUTPUT/probe.png from the whole file. Returns the row."""
+    row = {"step": step, **run_probe(run.raw_model, *run.probe)}
+    path = os.path.join(run.opts.output, "probe.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    plot_probe(read_probe_log(path), os.path.join(run.opts.output, "probe.png"),
+               title=f"frozen-encoder probe, {os.path.basename(os.path.abspath(run.opts.output))}",
+               chance=100.0 / run.probe[0].num_classes)
+    logger.info(f"probe after step {step}: linear {row['linear']:.2f}%, kNN {row['knn']:.2f}% (probe.jsonl, probe.png)")
+    return row
 
 
 def train_step(
@@ -407,6 +432,9 @@ def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
     saved = run.start_step if run.start_step and os.path.isfile(ckpt) else None  # the step of the checkpoint on disk
     factor = getattr(o, "divergence_factor", DIVERGENCE_FACTOR)
     recent = collections.deque(maxlen=100)
+    probe_every = getattr(o, "probe_every", 0) if run.probe is not None else 0
+    if probe_every and run.start_step == 0:
+        log_probe(run, 0)
     for step in range(run.start_step, run.total):
         lr = lr_at_step(step, run.total, run.warmup, run.lr, o.min_lr)
         try:
@@ -436,6 +464,8 @@ def train(run: Run) -> Iterator[Tuple[int, float, float, int]]:
             saved = done
             vis = os.path.join(o.output, "vis", f"step_{done:06d}.png")
             logger.info(f"saved {numbered} (and checkpoint.pth) and {reconstruction_grid(run.raw_model, run.vis_dataset, o.mask_ratio, vis, run.device)}")
+        if probe_every and (done % probe_every == 0 or done == run.total):
+            log_probe(run, done)
         if stop:
             logger.info(f"stopping after step {done} (--stop-at); continue with --resume")
             return
